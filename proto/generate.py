@@ -18,7 +18,8 @@ PROTO = ROOT / "proto" / "edge-agent.proto"
 OUT = ROOT / "lookout_edge" / "protocol"
 
 
-def main() -> int:
+def main(out: Path = OUT) -> int:
+    """Write the stubs into `out` (the package by default; tests pass a scratch directory)."""
     with tempfile.TemporaryDirectory() as tmp:
         # protoc derives module names from the file name; edge-agent -> edge_agent.
         source = Path(tmp) / "edge_agent.proto"
@@ -32,9 +33,9 @@ def main() -> int:
         for name in ("edge_agent_pb2.py", "edge_agent_pb2.pyi", "edge_agent_pb2_grpc.py"):
             text = (Path(tmp) / name).read_text()
             text = re.sub(r"^import edge_agent_pb2 as", "from . import edge_agent_pb2 as", text, flags=re.M)
-            (OUT / name).write_text(text)
+            (out / name).write_text(text)
     return 0
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(main(Path(sys.argv[1]) if len(sys.argv) > 1 else OUT))

@@ -1,0 +1,1 @@
+"""The lookout-edge Edge Agent: a gRPC server that runs model packages."""

@@ -1,0 +1,323 @@
+"""The model store: packages found in the models directory and their lifecycle.
+
+States and transitions follow the Edge Agent API reference:
+STOPPED/FAILED --StartModel--> STARTING --(background load)--> RUNNING or FAILED;
+RUNNING --StopModel--> STOPPING --(in-flight calls finish)--> STOPPED.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import os
+import threading
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Protocol
+
+import numpy as np
+
+from lookout_edge.protocol import pb2
+
+from .errors import FailedPrecondition, ModelNotFound, ResourceExhausted
+from lookout_edge.package import MANIFEST_NAME, ModelPackage, PackageError, read_package
+from .runtime import Inference, OnnxModel
+
+log = logging.getLogger(__name__)
+
+STOPPED, STARTING, RUNNING, FAILED, STOPPING = (
+    pb2.STOPPED,
+    pb2.STARTING,
+    pb2.RUNNING,
+    pb2.FAILED,
+    pb2.STOPPING,
+)
+
+
+def status_name(status: int) -> str:
+    return pb2.ModelStatus.Name(status)  # type: ignore[arg-type]
+
+
+class LoadedModel(Protocol):
+    def run(self, image: np.ndarray) -> Inference: ...
+
+
+ModelLoader = Callable[[ModelPackage], LoadedModel]
+
+
+@dataclass(frozen=True)
+class ModelInfo:
+    """A consistent snapshot of one model, for ListModels and DescribeModel."""
+
+    name: str
+    model_arn: str
+    status: int
+    status_message: str
+
+
+def estimated_memory(package: ModelPackage) -> int:
+    """Bytes a running model is expected to need: weights twice (file and arena) plus buffers."""
+    return 2 * package.model_file.size + 8 * package.image_bytes + 32 * 2**20
+
+
+def available_memory() -> int:
+    """MemAvailable from /proc/meminfo, in bytes (unlimited where it cannot be read)."""
+    try:
+        with open("/proc/meminfo") as meminfo:
+            for line in meminfo:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return 2**62
+
+
+class ModelSlot:
+    """One component name's state. All fields are guarded by `cond`."""
+
+    def __init__(self, name: str) -> None:
+        self.name = name
+        self.cond = threading.Condition()
+        self.package: ModelPackage | None = None  # newest package on disk
+        self.package_error = ""  # why the package on disk cannot be served
+        self.loaded_package: ModelPackage | None = None  # what the running model was loaded from
+        self.model: LoadedModel | None = None
+        self.status = STOPPED
+        self.status_message = ""
+        self.in_flight = 0
+
+    def info(self) -> ModelInfo:
+        with self.cond:
+            package = self.loaded_package or self.package
+            message = self.status_message
+            if self.status in (STOPPED, FAILED) and self.package_error:
+                return ModelInfo(self.name, "", FAILED, self.package_error)
+            return ModelInfo(self.name, package.model_arn if package else "", self.status, message)
+
+
+@dataclass(frozen=True)
+class _Scanned:
+    stamp: tuple[int, int, int] | None
+    package: ModelPackage | None
+    error: str
+
+
+class ModelRegistry:
+    """Serves every package below `models_dir`, keyed by its component name."""
+
+    def __init__(
+        self,
+        models_dir: Path,
+        queue_size: int = 8,
+        memory_limit_bytes: int | None = None,
+        loader: ModelLoader | None = None,
+    ) -> None:
+        self.models_dir = models_dir
+        self.queue_size = queue_size
+        self.memory_limit_bytes = memory_limit_bytes
+        self._loader: ModelLoader = loader or OnnxModel
+        self._lock = threading.Lock()
+        self._scanned: dict[Path, _Scanned] = {}
+        self._slots: dict[str, ModelSlot] = {}
+
+    # -- discovery ---------------------------------------------------------------------------
+
+    def refresh(self) -> None:
+        """Rescan the models directory; cheap when nothing changed (one stat per package)."""
+        with self._lock:
+            scanned = {}
+            for directory in self._package_dirs():
+                stamp = _manifest_stamp(directory)
+                previous = self._scanned.get(directory)
+                if previous is not None and previous.stamp == stamp:
+                    scanned[directory] = previous
+                else:
+                    scanned[directory] = _scan(directory, stamp)
+            self._scanned = scanned
+            self._apply(scanned)
+
+    def _package_dirs(self) -> list[Path]:
+        try:
+            entries = list(os.scandir(self.models_dir))
+        except FileNotFoundError:
+            return []
+        # Names starting with '.' are packages being written (see docs/model-package.md).
+        return sorted(
+            Path(entry.path) for entry in entries if entry.is_dir() and not entry.name.startswith(".")
+        )
+
+    def _apply(self, scanned: dict[Path, _Scanned]) -> None:
+        claims: dict[str, list[tuple[Path, _Scanned]]] = {}
+        for directory, result in scanned.items():
+            name = result.package.component_name if result.package else directory.name
+            claims.setdefault(name, []).append((directory, result))
+        for name, owners in claims.items():
+            slot = self._slots.get(name)
+            if slot is None:
+                slot = self._slots[name] = ModelSlot(name)
+                log.info("model %s found in %s", name, ", ".join(str(d) for d, _ in owners))
+            with slot.cond:
+                if len(owners) > 1:
+                    slot.package = None
+                    slot.package_error = (
+                        f"component name '{name}' is claimed by several packages "
+                        f"({', '.join(str(d) for d, _ in owners)}); remove all but one"
+                    )
+                else:
+                    slot.package = owners[0][1].package
+                    slot.package_error = owners[0][1].error
+        for name in set(self._slots) - set(claims):
+            slot = self._slots.pop(name)
+            with slot.cond:
+                log.info("model %s removed from %s; unloading it", name, self.models_dir)
+                slot.status, slot.model, slot.loaded_package = STOPPED, None, None
+
+    # -- queries -----------------------------------------------------------------------------
+
+    def list(self) -> list[ModelInfo]:
+        self.refresh()
+        with self._lock:
+            slots = sorted(self._slots.values(), key=lambda slot: slot.name)
+        return [slot.info() for slot in slots]
+
+    def describe(self, name: str) -> ModelInfo:
+        self.refresh()
+        return self._slot(name).info()
+
+    def _slot(self, name: str) -> ModelSlot:
+        with self._lock:
+            slot = self._slots.get(name)
+        if slot is None:
+            raise ModelNotFound(
+                f"no model component named '{name}' in {self.models_dir}; ListModels shows the deployed ones"
+            )
+        return slot
+
+    # -- lifecycle ---------------------------------------------------------------------------
+
+    def start(self, name: str) -> int:
+        """Begin loading a model; returns STARTING at once (RUNNING or FAILED follows)."""
+        self.refresh()
+        slot = self._slot(name)
+        with slot.cond:
+            if slot.status not in (STOPPED, FAILED):
+                raise FailedPrecondition(
+                    f"model '{name}' is {status_name(slot.status)}; StartModel needs STOPPED or FAILED"
+                )
+            package = slot.package
+            if package is not None:
+                self._check_memory(package)
+            slot.status, slot.status_message = STARTING, "loading the model"
+        threading.Thread(target=self._load, args=(slot, package), name=f"load-{name}", daemon=True).start()
+        return STARTING
+
+    def _check_memory(self, package: ModelPackage) -> None:
+        needed = estimated_memory(package)
+        available = available_memory()
+        if needed > available:
+            raise ResourceExhausted(
+                f"model '{package.component_name}' needs about {needed >> 20} MiB; "
+                f"the device has {available >> 20} MiB available. Stop another model or free memory"
+            )
+        if self.memory_limit_bytes is not None:
+            with self._lock:
+                slots = list(self._slots.values())
+            in_use = sum(
+                estimated_memory(slot.loaded_package or slot.package)  # type: ignore[arg-type]
+                for slot in slots
+                if slot.status in (STARTING, RUNNING, STOPPING) and (slot.loaded_package or slot.package)
+            )
+            if in_use + needed > self.memory_limit_bytes:
+                raise ResourceExhausted(
+                    f"model '{package.component_name}' needs about {needed >> 20} MiB; running models use "
+                    f"{in_use >> 20} MiB of the agent's {self.memory_limit_bytes >> 20} MiB memory limit. "
+                    "Stop another model or raise memory_limit_mb"
+                )
+
+    def _load(self, slot: ModelSlot, package: ModelPackage | None) -> None:
+        try:
+            if package is None:
+                raise PackageError(slot.package_error or "the package cannot be read")
+            package.verify_files()
+            model = self._loader(package)
+            warm_up = model.run(np.zeros((package.height, package.width, 3), dtype=np.uint8))
+            if not math.isfinite(warm_up.anomaly_score):
+                raise PackageError(f"{package.model_file.path}: the graph returns a non-finite anomaly score")
+        except MemoryError:
+            self._fail(slot, "not enough memory to load the model; stop another model or free memory")
+        except PackageError as exc:
+            self._fail(slot, str(exc))
+        except Exception as exc:
+            log.exception("loading model %s failed", slot.name)
+            self._fail(slot, f"loading the model failed: {exc}")
+        else:
+            with slot.cond:
+                if slot.status != STARTING:  # removed from disk while loading
+                    return
+                slot.model, slot.loaded_package = model, package
+                slot.status, slot.status_message = RUNNING, "model is running"
+            log.info("model %s is RUNNING", slot.name)
+
+    @staticmethod
+    def _fail(slot: ModelSlot, message: str) -> None:
+        with slot.cond:
+            slot.status, slot.status_message, slot.model = FAILED, message, None
+        log.error("model %s FAILED: %s", slot.name, message)
+
+    def stop(self, name: str) -> int:
+        """Stop a running model once its in-flight calls have finished; returns STOPPED."""
+        self.refresh()
+        slot = self._slot(name)
+        with slot.cond:
+            if slot.status != RUNNING:
+                raise FailedPrecondition(
+                    f"model '{name}' is {status_name(slot.status)}; StopModel needs RUNNING"
+                )
+            slot.status, slot.status_message = STOPPING, "waiting for in-flight calls"
+            slot.cond.wait_for(lambda: slot.in_flight == 0)
+            slot.model, slot.loaded_package = None, None
+            slot.status, slot.status_message = STOPPED, "model is stopped"
+        log.info("model %s is STOPPED", name)
+        return STOPPED
+
+    @contextmanager
+    def acquire(self, name: str) -> Iterator[tuple[ModelPackage, LoadedModel]]:
+        """Admit one inference call: the model must be RUNNING and its queue not full."""
+        slot = self._slot(name)
+        with slot.cond:
+            if slot.status != RUNNING or slot.model is None or slot.loaded_package is None:
+                raise FailedPrecondition(
+                    f"model '{name}' is {status_name(slot.status)}, not RUNNING; "
+                    "call StartModel and wait until DescribeModel shows RUNNING"
+                )
+            if slot.in_flight >= self.queue_size:
+                raise ResourceExhausted(
+                    f"model '{name}' already has {slot.in_flight} calls queued (queue size {self.queue_size}); "
+                    "retry shortly, or raise queue_size"
+                )
+            slot.in_flight += 1
+            package, model = slot.loaded_package, slot.model
+        try:
+            yield package, model
+        finally:
+            with slot.cond:
+                slot.in_flight -= 1
+                slot.cond.notify_all()
+
+
+def _manifest_stamp(directory: Path) -> tuple[int, int, int] | None:
+    try:
+        stat = (directory / MANIFEST_NAME).stat()
+    except OSError:
+        return None
+    return stat.st_mtime_ns, stat.st_size, stat.st_ino
+
+
+def _scan(directory: Path, stamp: tuple[int, int, int] | None) -> _Scanned:
+    try:
+        return _Scanned(stamp, read_package(directory), "")
+    except PackageError as exc:
+        log.warning("package %s cannot be served: %s", directory, exc)
+        return _Scanned(stamp, None, str(exc))

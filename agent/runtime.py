@@ -1,0 +1,79 @@
+"""Running a model package's ONNX graph with ONNX Runtime.
+
+The graph contract (docs/model-package.md): one input `image`, uint8, shape [H, W, 3],
+the raw RGB888 bitmap at the training size; outputs `anomaly_score` (float, one value
+in 0..1), optionally `confidence`, and for segmentation models `label_map` ([H, W],
+0 for background and i for the i-th label of the manifest).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import onnxruntime as ort
+
+from lookout_edge.package import ModelPackage, PackageError
+
+INPUT_NAME = "image"
+SCORE_OUTPUT = "anomaly_score"
+CONFIDENCE_OUTPUT = "confidence"
+LABEL_MAP_OUTPUT = "label_map"
+
+
+@dataclass
+class Inference:
+    anomaly_score: float
+    confidence: float | None
+    label_map: np.ndarray | None
+
+
+class OnnxModel:
+    """A loaded model graph; `run` is safe to call from several threads at once."""
+
+    def __init__(self, package: ModelPackage, intra_op_threads: int = 0) -> None:
+        options = ort.SessionOptions()
+        options.intra_op_num_threads = intra_op_threads
+        options.log_severity_level = 3
+        try:
+            self._session = ort.InferenceSession(
+                str(package.model_file.path), sess_options=options, providers=["CPUExecutionProvider"]
+            )
+        except Exception as exc:  # onnxruntime raises several unrelated exception types
+            raise PackageError(f"{package.model_file.path} cannot be loaded by ONNX Runtime: {exc}") from None
+        self._check_contract(package)
+        self._outputs = [SCORE_OUTPUT]
+        names = {output.name for output in self._session.get_outputs()}
+        if CONFIDENCE_OUTPUT in names:
+            self._outputs.append(CONFIDENCE_OUTPUT)
+        if package.is_segmentation:
+            self._outputs.append(LABEL_MAP_OUTPUT)
+
+    def _check_contract(self, package: ModelPackage) -> None:
+        where = package.model_file.path
+        inputs = self._session.get_inputs()
+        if len(inputs) != 1 or inputs[0].name != INPUT_NAME:
+            raise PackageError(f"{where}: the graph must have exactly one input named '{INPUT_NAME}'")
+        if inputs[0].type != "tensor(uint8)":
+            raise PackageError(f"{where}: input '{INPUT_NAME}' must be uint8, not {inputs[0].type}")
+        expected = [package.height, package.width, 3]
+        if list(inputs[0].shape) != expected:
+            raise PackageError(
+                f"{where}: input shape {inputs[0].shape} does not match the manifest's image size {expected}"
+            )
+        outputs = {output.name for output in self._session.get_outputs()}
+        required = {SCORE_OUTPUT} | ({LABEL_MAP_OUTPUT} if package.is_segmentation else set())
+        missing = required - outputs
+        if missing:
+            raise PackageError(f"{where}: the graph lacks output(s) {', '.join(sorted(missing))}")
+
+    def run(self, image: np.ndarray) -> Inference:
+        """Run one [H, W, 3] uint8 image."""
+        results = dict(zip(self._outputs, self._session.run(self._outputs, {INPUT_NAME: image}), strict=True))
+        confidence = results.get(CONFIDENCE_OUTPUT)
+        label_map = results.get(LABEL_MAP_OUTPUT)
+        return Inference(
+            anomaly_score=float(np.asarray(results[SCORE_OUTPUT]).reshape(-1)[0]),
+            confidence=None if confidence is None else float(np.asarray(confidence).reshape(-1)[0]),
+            label_map=None if label_map is None else np.asarray(label_map).reshape(image.shape[:2]),
+        )

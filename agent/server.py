@@ -1,0 +1,168 @@
+"""Running the agent: the Unix socket (and optional TLS listener), signals, shutdown."""
+
+from __future__ import annotations
+
+import errno
+import grp
+import logging
+import os
+import signal
+import socket
+import stat
+import threading
+from concurrent import futures
+from pathlib import Path
+from types import FrameType
+
+import grpc
+
+from lookout_edge.protocol import pb2_grpc
+
+from .config import AgentConfig
+from .models import ModelRegistry
+from .service import EdgeAgentServicer
+
+log = logging.getLogger(__name__)
+
+# A 4096x4096 RGB888 bitmap is 48 MiB; requests and responses (a mask as bytes) carry one.
+MAX_MESSAGE_BYTES = 4096 * 4096 * 3 + (1 << 20)
+GRPC_OPTIONS = [
+    ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
+    ("grpc.max_send_message_length", MAX_MESSAGE_BYTES),
+]
+
+
+class SocketInUse(RuntimeError):
+    """Another agent is serving on the socket; it must not be taken over."""
+
+
+def claim_socket_path(path: Path) -> None:
+    """Make `path` free for a new socket: remove a stale socket, refuse a live one or a non-socket."""
+    try:
+        mode = path.lstat().st_mode
+    except FileNotFoundError:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        return
+    if not stat.S_ISSOCK(mode):
+        raise SocketInUse(f"{path} exists and is not a socket; remove it or choose another socket path")
+    probe = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    try:
+        probe.connect(str(path))
+    except ConnectionRefusedError:
+        log.warning("removing stale socket %s left by an agent that did not shut down", path)
+        path.unlink()
+        return
+    except OSError as exc:
+        if exc.errno in (errno.ENOENT,):
+            return
+        raise SocketInUse(f"cannot check socket {path}: {exc.strerror}") from None
+    finally:
+        probe.close()
+    raise SocketInUse(f"another agent is already serving on {path}; stop it first or choose another socket")
+
+
+class AgentServer:
+    """The gRPC server and the model registry it serves, with their lifetime."""
+
+    def __init__(self, config: AgentConfig) -> None:
+        self.config = config
+        memory_limit = None if config.memory_limit_mb is None else config.memory_limit_mb << 20
+        self.registry = ModelRegistry(config.models_dir, config.queue_size, memory_limit)
+        self._server: grpc.Server | None = None
+        self._socket_inode: int | None = None
+        self._stopped = threading.Event()
+
+    def start(self) -> None:
+        config = self.config
+        path = config.socket_path()
+        claim_socket_path(path)
+        server = grpc.server(
+            futures.ThreadPoolExecutor(max_workers=config.workers, thread_name_prefix="rpc"),
+            options=GRPC_OPTIONS,
+            maximum_concurrent_rpcs=config.workers * 4,
+        )
+        pb2_grpc.add_EdgeAgentServicer_to_server(EdgeAgentServicer(self.registry), server)
+        server.add_insecure_port(f"unix:{path}")
+        if config.tcp_address:
+            server.add_secure_port(config.tcp_address, self._tls_credentials())
+        # The socket is created by start(); keep it private until its mode is set.
+        previous_umask = os.umask(0o177)
+        try:
+            server.start()
+        finally:
+            os.umask(previous_umask)
+        self._server = server
+        self._secure_socket(path)
+        self.registry.refresh()
+        for name in config.start_models:
+            try:
+                self.registry.start(name)
+            except Exception as exc:
+                log.error("could not start model %s at start-up: %s", name, exc)
+        threading.Thread(target=self._rescan_loop, name="rescan", daemon=True).start()
+        log.info("Edge Agent serving on unix:%s, models from %s", path, config.models_dir)
+
+    def _tls_credentials(self) -> grpc.ServerCredentials:
+        config = self.config
+        assert config.tls_cert and config.tls_key
+        pair = (config.tls_key.read_bytes(), config.tls_cert.read_bytes())
+        root = config.tls_client_ca.read_bytes() if config.tls_client_ca else None
+        return grpc.ssl_server_credentials([pair], root_certificates=root, require_client_auth=root is not None)
+
+    def _secure_socket(self, path: Path) -> None:
+        if self.config.socket_group:
+            try:
+                gid = grp.getgrnam(self.config.socket_group).gr_gid
+            except KeyError:
+                raise SocketInUse(f"socket_group '{self.config.socket_group}' does not exist") from None
+            os.chown(path, -1, gid)
+        os.chmod(path, self.config.socket_mode)
+        self._socket_inode = path.stat().st_ino
+
+    def _rescan_loop(self) -> None:
+        while not self._stopped.wait(self.config.rescan_interval):
+            try:
+                self.registry.refresh()
+            except Exception:
+                log.exception("rescanning %s failed", self.config.models_dir)
+
+    def stop(self) -> None:
+        """Stop accepting calls, let in-flight calls finish, remove the socket."""
+        self._stopped.set()
+        if self._server is not None:
+            self._server.stop(self.config.shutdown_grace).wait()
+            self._server = None
+        path = self.config.socket_path()
+        try:
+            if self._socket_inode is not None and path.stat().st_ino == self._socket_inode:
+                path.unlink()
+        except FileNotFoundError:
+            pass
+        log.info("Edge Agent stopped")
+
+
+def serve(config: AgentConfig) -> int:
+    """Run the agent until SIGTERM or SIGINT; returns the process exit status."""
+    agent = AgentServer(config)
+    try:
+        agent.start()
+    except SocketInUse as exc:
+        log.error("%s", exc)
+        agent.stop()
+        return 1
+    except RuntimeError as exc:  # grpc cannot bind the address
+        log.error("cannot listen: %s", exc)
+        agent.stop()
+        return 1
+    stop_requested = threading.Event()
+
+    def on_signal(signum: int, frame: FrameType | None) -> None:
+        log.info("received %s, shutting down", signal.Signals(signum).name)
+        stop_requested.set()
+
+    signal.signal(signal.SIGTERM, on_signal)
+    signal.signal(signal.SIGINT, on_signal)
+    while not stop_requested.wait(0.5):  # a timed wait keeps signal handlers responsive
+        pass
+    agent.stop()
+    return 0

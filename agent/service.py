@@ -1,0 +1,96 @@
+"""The gRPC servicer: maps the Edge Agent RPCs onto the model registry."""
+
+from __future__ import annotations
+
+import functools
+import logging
+from collections.abc import Callable
+from typing import Any, TypeVar
+
+import grpc
+
+from lookout_edge.protocol import pb2, pb2_grpc
+
+from .detect import detect_anomalies
+from .errors import AgentError, InvalidArgument
+from .models import ModelInfo, ModelRegistry
+
+log = logging.getLogger(__name__)
+Response = TypeVar("Response")
+
+
+def _rpc(method: Callable[[Any, Any, grpc.ServicerContext], Response]) -> Callable[..., Response]:
+    """Turn AgentError into its status code, and anything unexpected into INTERNAL (logged)."""
+
+    @functools.wraps(method)
+    def wrapper(self: Any, request: Any, context: grpc.ServicerContext) -> Response:
+        try:
+            return method(self, request, context)
+        except AgentError as exc:
+            context.abort(exc.code, exc.message)
+        except Exception:
+            log.exception("%s failed unexpectedly", method.__name__)
+            context.abort(grpc.StatusCode.INTERNAL, f"{method.__name__} failed inside the agent; see the agent log")
+        raise AssertionError("context.abort returned")  # pragma: no cover
+
+    return wrapper
+
+
+def _required_name(request: Any) -> str:
+    if not request.model_component:
+        raise InvalidArgument("model_component is empty; pass the model's component name")
+    return str(request.model_component)
+
+
+def _description(info: ModelInfo) -> pb2.ModelDescription:
+    return pb2.ModelDescription(
+        model_component=info.name,
+        lookout_vision_model_arn=info.model_arn,
+        status=info.status,  # type: ignore[arg-type]
+        status_message=info.status_message,
+    )
+
+
+class EdgeAgentServicer(pb2_grpc.EdgeAgentServicer):
+    def __init__(self, registry: ModelRegistry) -> None:
+        self.registry = registry
+
+    @_rpc
+    def DetectAnomalies(  # noqa: N802 - gRPC method names
+        self, request: pb2.DetectAnomaliesRequest, context: grpc.ServicerContext
+    ) -> pb2.DetectAnomaliesResponse:
+        return detect_anomalies(self.registry, request)
+
+    @_rpc
+    def DescribeModel(  # noqa: N802
+        self, request: pb2.DescribeModelRequest, context: grpc.ServicerContext
+    ) -> pb2.DescribeModelResponse:
+        info = self.registry.describe(_required_name(request))
+        return pb2.DescribeModelResponse(model_description=_description(info))
+
+    @_rpc
+    def ListModels(  # noqa: N802
+        self, request: pb2.ListModelsRequest, context: grpc.ServicerContext
+    ) -> pb2.ListModelsResponse:
+        models = [
+            pb2.ModelMetadata(
+                model_component=info.name,
+                lookout_vision_model_arn=info.model_arn,
+                status=info.status,  # type: ignore[arg-type]
+                status_message=info.status_message,
+            )
+            for info in self.registry.list()
+        ]
+        return pb2.ListModelsResponse(models=models)
+
+    @_rpc
+    def StartModel(  # noqa: N802
+        self, request: pb2.StartModelRequest, context: grpc.ServicerContext
+    ) -> pb2.StartModelResponse:
+        return pb2.StartModelResponse(status=self.registry.start(_required_name(request)))  # type: ignore[arg-type]
+
+    @_rpc
+    def StopModel(  # noqa: N802
+        self, request: pb2.StopModelRequest, context: grpc.ServicerContext
+    ) -> pb2.StopModelResponse:
+        return pb2.StopModelResponse(status=self.registry.stop(_required_name(request)))  # type: ignore[arg-type]

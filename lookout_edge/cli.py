@@ -1,0 +1,175 @@
+"""The `lookout-edge` command."""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import logging
+import os
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+
+from PIL import Image
+
+from . import DEFAULT_SOCKET, __version__
+
+
+def _socket_default() -> str:
+    return os.environ.get("LOOKOUT_EDGE_SOCKET", DEFAULT_SOCKET)
+
+
+def _add_agent_parser(commands: argparse._SubParsersAction) -> None:
+    parser = commands.add_parser("agent", help="run the Edge Agent (gRPC server)")
+    parser.add_argument("--config", type=Path, help="YAML settings file (also LOOKOUT_EDGE_CONFIG)")
+    parser.add_argument("--socket", help=f"unix: address to serve on (default {DEFAULT_SOCKET})")
+    parser.add_argument("--models-dir", type=Path, help="directory holding model packages")
+    parser.add_argument("--socket-group", help="group that owns the socket (e.g. ggc_group)")
+    parser.add_argument("--socket-mode", help="socket file mode in octal (default 0660)")
+    parser.add_argument("--queue-size", type=int, help="calls admitted per running model before RESOURCE_EXHAUSTED")
+    parser.add_argument("--workers", type=int, help="threads serving calls")
+    parser.add_argument("--start-model", action="append", dest="start_models", help="start this model at launch")
+    parser.add_argument("--memory-limit-mb", type=int, help="memory budget for all running models")
+    parser.add_argument("--log-level", help="DEBUG, INFO, WARNING or ERROR")
+    parser.add_argument("--tcp-address", help="also serve TLS on host:port (off by default)")
+    parser.add_argument("--tls-cert", type=Path, help="server certificate (PEM) for --tcp-address")
+    parser.add_argument("--tls-key", type=Path, help="server private key (PEM) for --tcp-address")
+    parser.add_argument("--tls-client-ca", type=Path, help="require client certificates signed by this CA")
+
+
+def _add_client_parsers(commands: argparse._SubParsersAction) -> None:
+    common = argparse.ArgumentParser(add_help=False)
+    common.add_argument("--socket", default=_socket_default(), help="agent address (default %(default)s)")
+    common.add_argument("--json", action="store_true", help="machine-readable output")
+
+    models = commands.add_parser("models", help="list, describe, start or stop models on the agent")
+    actions = models.add_subparsers(dest="action", required=True)
+    actions.add_parser("list", parents=[common], help="list the deployed models")
+    for action in ("describe", "start", "stop"):
+        sub = actions.add_parser(action, parents=[common], help=f"{action} one model")
+        sub.add_argument("name", help="model component name")
+        if action == "start":
+            sub.add_argument("--wait", type=float, metavar="SECONDS", help="wait until RUNNING (or fail)")
+
+    detect = commands.add_parser("detect", parents=[common], help="run DetectAnomalies on image files")
+    detect.add_argument("images", nargs="+", type=Path, help="image files (any format Pillow reads)")
+    detect.add_argument("--model", required=True, help="model component name")
+    detect.add_argument("--shm", action="store_true", help="pass images through shared memory")
+    detect.add_argument("--mask-out", type=Path, help="write masks of segmentation models here as PNG")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="lookout-edge", description=__doc__)
+    parser.add_argument("--version", action="version", version=f"lookout-edge {__version__}")
+    commands = parser.add_subparsers(dest="command", required=True)
+    _add_agent_parser(commands)
+    _add_client_parsers(commands)
+    return parser
+
+
+def _run_agent(args: argparse.Namespace) -> int:
+    from agent.config import ConfigError, load_config
+    from agent.server import serve
+
+    overrides = {
+        key: value
+        for key, value in vars(args).items()
+        if key not in ("command", "config") and value is not None
+    }
+    try:
+        config = load_config(args.config, overrides)
+    except ConfigError as exc:
+        print(f"lookout-edge agent: {exc}", file=sys.stderr)
+        return 2
+    logging.basicConfig(
+        level=config.log_level.upper(),
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+        stream=sys.stderr,
+    )
+    return serve(config)
+
+
+def _print(args: argparse.Namespace, data: object, text: str) -> None:
+    print(json.dumps(data, indent=2) if args.json else text)
+
+
+def _run_models(args: argparse.Namespace) -> int:
+    from client.edge_client import EdgeAgentClient
+
+    with EdgeAgentClient(args.socket) as client:
+        if args.action == "list":
+            states = client.list_models()
+            lines = [f"{s.name}\t{s.status}\t{s.status_message}" for s in states] or ["(no models deployed)"]
+            _print(args, [dataclasses.asdict(s) for s in states], "\n".join(lines))
+        elif args.action == "describe":
+            state = client.describe_model(args.name)
+            _print(args, dataclasses.asdict(state), f"{state.name}\t{state.status}\t{state.status_message}")
+        elif args.action == "start":
+            if args.wait is not None:
+                state = client.start_and_wait(args.name, timeout=args.wait)
+                _print(args, dataclasses.asdict(state), f"{state.name}\t{state.status}")
+            else:
+                status = client.start_model(args.name)
+                _print(args, {"name": args.name, "status": status}, f"{args.name}\t{status}")
+        else:
+            status = client.stop_model(args.name)
+            _print(args, {"name": args.name, "status": status}, f"{args.name}\t{status}")
+    return 0
+
+
+def _run_detect(args: argparse.Namespace) -> int:
+    from client.edge_client import EdgeAgentClient
+
+    if args.mask_out:
+        args.mask_out.mkdir(parents=True, exist_ok=True)
+    results = []
+    with EdgeAgentClient(args.socket) as client:
+        for path in args.images:
+            detection = client.detect(path, args.model, shared_memory=args.shm)
+            record = {
+                "image": str(path),
+                "is_anomalous": detection.is_anomalous,
+                "confidence": round(detection.confidence, 6),
+                "anomaly_score": round(detection.anomaly_score, 6),
+                "anomaly_threshold": round(detection.anomaly_threshold, 6),
+                "anomalies": [dataclasses.asdict(a) for a in detection.anomalies],
+            }
+            if args.mask_out and detection.mask is not None:
+                mask_path = args.mask_out / f"{path.stem}_mask.png"
+                Image.fromarray(detection.mask).save(mask_path)
+                record["mask"] = str(mask_path)
+            results.append(record)
+            if not args.json:
+                verdict = "ANOMALOUS" if detection.is_anomalous else "normal"
+                areas = ", ".join(f"{a.name} {a.area:.2%}" for a in detection.anomalies if a.name != "background")
+                print(
+                    f"{path}: {verdict} (score {detection.anomaly_score:.3f}, threshold "
+                    f"{detection.anomaly_threshold:.3f}, confidence {detection.confidence:.3f})"
+                    + (f" [{areas}]" if areas else "")
+                )
+    if args.json:
+        print(json.dumps(results, indent=2))
+    return 0
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    if args.command == "agent":
+        return _run_agent(args)
+    from client.edge_client import EdgeAgentError
+
+    try:
+        if args.command == "models":
+            return _run_models(args)
+        return _run_detect(args)
+    except EdgeAgentError as exc:
+        print(f"lookout-edge {args.command}: {exc}", file=sys.stderr)
+        return 1
+    except (OSError, ValueError, TimeoutError) as exc:
+        print(f"lookout-edge {args.command}: {exc}", file=sys.stderr)
+        return 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,251 @@
+"""Model packages: a directory with `manifest.json` and the ONNX graph it describes.
+
+The format is documented in docs/model-package.md. Reading a manifest never raises on
+bad content in a way that can reach the gRPC layer: `read_package` turns every problem
+into a `PackageError` whose message names the file and what to fix.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import re
+import shutil
+import tempfile
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+MANIFEST_NAME = "manifest.json"
+FORMAT_VERSION = 1
+MODEL_TYPES = ("classification", "segmentation")
+MIN_SIDE = 64
+MAX_SIDE = 4096
+BACKGROUND_NAME = "background"
+BACKGROUND_COLOR = "#FFFFFF"
+_HEX_COLOR = re.compile(r"^#[0-9A-Fa-f]{6}$")
+
+
+class PackageError(ValueError):
+    """A model package that cannot be served; the message says what is wrong."""
+
+
+@dataclass(frozen=True)
+class AnomalyLabel:
+    name: str
+    color: str  # "#RRGGBB"
+
+    @property
+    def rgb(self) -> tuple[int, int, int]:
+        value = int(self.color[1:], 16)
+        return (value >> 16) & 0xFF, (value >> 8) & 0xFF, value & 0xFF
+
+
+@dataclass(frozen=True)
+class PackageFile:
+    path: Path
+    sha256: str
+    size: int
+
+
+@dataclass(frozen=True)
+class ModelPackage:
+    """What the agent needs to know about one model package."""
+
+    directory: Path
+    component_name: str
+    model_arn: str
+    model_type: str
+    width: int
+    height: int
+    threshold: float
+    labels: tuple[AnomalyLabel, ...]
+    model_file: PackageFile
+    files: tuple[PackageFile, ...]
+    target: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def is_segmentation(self) -> bool:
+        return self.model_type == "segmentation"
+
+    @property
+    def image_bytes(self) -> int:
+        return self.width * self.height * 3
+
+    def verify_files(self) -> None:
+        """Check every listed file's size and SHA-256; raise PackageError on the first mismatch."""
+        for entry in self.files:
+            try:
+                actual_size = entry.path.stat().st_size
+            except FileNotFoundError:
+                raise PackageError(f"{entry.path} is listed in the manifest but missing") from None
+            if actual_size != entry.size:
+                raise PackageError(
+                    f"{entry.path} is {actual_size} bytes, the manifest says {entry.size}: "
+                    "the package is incomplete or was modified; redeploy it"
+                )
+            if file_sha256(entry.path) != entry.sha256:
+                raise PackageError(
+                    f"{entry.path} does not match its SHA-256 in the manifest: "
+                    "the package is corrupt or was modified; redeploy it"
+                )
+
+
+def file_sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with path.open("rb") as handle:
+        for chunk in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def _require(data: dict[str, Any], key: str, kind: type | tuple[type, ...], where: Path) -> Any:
+    if key not in data:
+        raise PackageError(f"{where}: required key '{key}' is missing")
+    value = data[key]
+    if not isinstance(value, kind) or (kind is int and isinstance(value, bool)):
+        raise PackageError(f"{where}: '{key}' has the wrong type ({type(value).__name__})")
+    return value
+
+
+def _read_labels(data: dict[str, Any], manifest: Path) -> tuple[AnomalyLabel, ...]:
+    labels = []
+    for index, item in enumerate(data.get("labels", [])):
+        if not isinstance(item, dict):
+            raise PackageError(f"{manifest}: labels[{index}] must be an object with 'name' and 'color'")
+        name = _require(item, "name", str, manifest)
+        color = _require(item, "color", str, manifest)
+        if not _HEX_COLOR.match(color):
+            raise PackageError(f"{manifest}: label '{name}' has colour {color!r}; expected '#RRGGBB'")
+        if name.lower() == BACKGROUND_NAME:
+            raise PackageError(f"{manifest}: '{name}' is reserved for the background; rename the label")
+        labels.append(AnomalyLabel(name=name, color=color.upper()))
+    if len({label.name for label in labels}) != len(labels):
+        raise PackageError(f"{manifest}: label names must be unique")
+    if len(labels) > 255:
+        raise PackageError(f"{manifest}: {len(labels)} labels; at most 255 are supported")
+    return tuple(labels)
+
+
+def _read_files(data: dict[str, Any], directory: Path, manifest: Path) -> tuple[PackageFile, ...]:
+    files = _require(data, "files", dict, manifest)
+    entries = []
+    for relative, info in sorted(files.items()):
+        path = (directory / relative).resolve()
+        if directory.resolve() not in path.parents:
+            raise PackageError(f"{manifest}: file '{relative}' lies outside the package directory")
+        if not isinstance(info, dict):
+            raise PackageError(f"{manifest}: files['{relative}'] must be an object with 'sha256' and 'size'")
+        sha = _require(info, "sha256", str, manifest)
+        size = _require(info, "size", int, manifest)
+        entries.append(PackageFile(path=path, sha256=sha.lower(), size=size))
+    return tuple(entries)
+
+
+def read_package(directory: Path) -> ModelPackage:
+    """Parse and check a package's manifest (file digests are checked at load time)."""
+    manifest = directory / MANIFEST_NAME
+    try:
+        data = json.loads(manifest.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise PackageError(f"{manifest} is missing: not a model package, or it is still being copied") from None
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise PackageError(f"{manifest} cannot be read as JSON: {exc}") from None
+    if not isinstance(data, dict):
+        raise PackageError(f"{manifest} must hold a JSON object")
+
+    version = _require(data, "format_version", int, manifest)
+    if version != FORMAT_VERSION:
+        raise PackageError(
+            f"{manifest}: format_version {version} is not supported by this agent (it reads {FORMAT_VERSION}); "
+            "upgrade the agent or repackage the model"
+        )
+    name = _require(data, "component_name", str, manifest)
+    if not name:
+        raise PackageError(f"{manifest}: component_name is empty")
+    model_type = _require(data, "model_type", str, manifest)
+    if model_type not in MODEL_TYPES:
+        raise PackageError(f"{manifest}: model_type {model_type!r} is not one of {', '.join(MODEL_TYPES)}")
+    image = _require(data, "image", dict, manifest)
+    width = _require(image, "width", int, manifest)
+    height = _require(image, "height", int, manifest)
+    for side, value in (("width", width), ("height", height)):
+        if not MIN_SIDE <= value <= MAX_SIDE:
+            raise PackageError(f"{manifest}: image {side} {value} is outside {MIN_SIDE}..{MAX_SIDE}")
+    threshold = _require(data, "threshold", (int, float), manifest)
+    if not 0.0 <= threshold <= 1.0:
+        raise PackageError(f"{manifest}: threshold {threshold} is outside 0..1")
+    labels = _read_labels(data, manifest)
+    if model_type == "segmentation" and not labels:
+        raise PackageError(f"{manifest}: a segmentation model needs at least one label")
+    files = _read_files(data, directory, manifest)
+    model_name = _require(data, "model_file", str, manifest)
+    model_path = (directory / model_name).resolve()
+    model_file = next((entry for entry in files if entry.path == model_path), None)
+    if model_file is None:
+        raise PackageError(f"{manifest}: model_file '{model_name}' is not listed under 'files'")
+    target = data.get("target", {})
+    if not isinstance(target, dict):
+        raise PackageError(f"{manifest}: 'target' must be an object")
+    return ModelPackage(
+        directory=directory,
+        component_name=name,
+        model_arn=str(data.get("model_arn", "")),
+        model_type=model_type,
+        width=width,
+        height=height,
+        threshold=float(threshold),
+        labels=labels,
+        model_file=model_file,
+        files=files,
+        target=target,
+    )
+
+
+def write_package(
+    directory: Path,
+    manifest: dict[str, Any],
+    files: dict[str, bytes],
+    model_file: str = "model.onnx",
+) -> Path:
+    """Write a package atomically: all of it appears at `directory`, or nothing changes.
+
+    `manifest` holds every key but `format_version`, `model_file` and `files`, which are
+    filled in here (sizes and SHA-256 of `files`). An existing package at `directory` is
+    replaced. The package is assembled in a hidden sibling directory, which the agent
+    ignores, and renamed into place.
+    """
+    if model_file not in files:
+        raise PackageError(f"model file '{model_file}' is not among the files to write")
+    directory = directory.resolve()
+    directory.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=f".{directory.name}.", dir=directory.parent))
+    try:
+        entries = {}
+        for relative, content in sorted(files.items()):
+            _write_synced(staging / relative, content)
+            entries[relative] = {"sha256": hashlib.sha256(content).hexdigest(), "size": len(content)}
+        document = {"format_version": FORMAT_VERSION, **manifest, "model_file": model_file, "files": entries}
+        _write_synced(staging / MANIFEST_NAME, (json.dumps(document, indent=2, sort_keys=True) + "\n").encode())
+        read_package(staging)  # never publish a package the agent would refuse
+        os.chmod(staging, 0o755)
+        if directory.exists():
+            retired = Path(tempfile.mkdtemp(prefix=f".{directory.name}.old.", dir=directory.parent))
+            os.replace(directory, retired / directory.name)
+            os.replace(staging, directory)
+            shutil.rmtree(retired)
+        else:
+            os.replace(staging, directory)
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
+    return directory
+
+
+def _write_synced(path: Path, content: bytes) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with path.open("wb") as handle:
+        handle.write(content)
+        handle.flush()
+        os.fsync(handle.fileno())
