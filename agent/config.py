@@ -102,7 +102,9 @@ def load_config(
     """Build the settings: defaults, then the file, then LOOKOUT_EDGE_*, then `overrides` (flags)."""
     environ = os.environ if environ is None else environ
     config = AgentConfig()
-    config_file = config_file or (Path(environ[ENV_PREFIX + "CONFIG"]) if ENV_PREFIX + "CONFIG" in environ else None)
+    config_file = config_file or (
+        Path(environ[ENV_PREFIX + "CONFIG"]) if ENV_PREFIX + "CONFIG" in environ else None
+    )
     if config_file is not None:
         try:
             data = yaml.safe_load(config_file.read_text()) or {}

@@ -7,11 +7,11 @@ from dataclasses import dataclass
 import numpy as np
 
 from lookout_edge import shm
+from lookout_edge.package import BACKGROUND_COLOR, BACKGROUND_NAME, MAX_SIDE, MIN_SIDE, ModelPackage
 from lookout_edge.protocol import pb2
 
 from .errors import InvalidArgument
 from .models import LoadedModel, ModelRegistry
-from lookout_edge.package import BACKGROUND_COLOR, BACKGROUND_NAME, MAX_SIDE, MIN_SIDE, ModelPackage
 from .runtime import Inference
 
 
@@ -52,7 +52,9 @@ def check_bitmap(bitmap: pb2.Bitmap, package: ModelPackage) -> bytes | ShmRegion
     width, height = bitmap.width, bitmap.height
     for side, value in (("width", width), ("height", height)):
         if not MIN_SIDE <= value <= MAX_SIDE:
-            raise InvalidArgument(f"bitmap.{side} is {value}; it must be between {MIN_SIDE} and {MAX_SIDE} pixels")
+            raise InvalidArgument(
+                f"bitmap.{side} is {value}; it must be between {MIN_SIDE} and {MAX_SIDE} pixels"
+            )
     if (width, height) != (package.width, package.height):
         raise InvalidArgument(
             f"bitmap is {width}x{height}, but model '{package.component_name}' was trained on "
@@ -90,7 +92,9 @@ def _run_model(model: LoadedModel, source: bytes | ShmRegion, package: ModelPack
     if isinstance(source, bytes):
         return model.run(np.frombuffer(source, dtype=np.uint8).reshape(shape))
     try:
-        return shm.with_region(source.name, source.offset, source.size, lambda view: model.run(view.reshape(shape)))
+        return shm.with_region(
+            source.name, source.offset, source.size, lambda view: model.run(view.reshape(shape))
+        )
     except shm.SegmentError as exc:
         raise InvalidArgument(f"bitmap.shared_memory_handle: {exc}") from None
 
@@ -110,7 +114,7 @@ def _write_mask(label_map: np.ndarray, package: ModelPackage, region: ShmRegion 
         return mask
 
     def paint(view: np.ndarray) -> None:
-        np.take(palette, labels, axis=0, out=view.reshape(labels.shape + (3,)))
+        np.take(palette, labels, axis=0, out=view.reshape((*labels.shape, 3)))
 
     try:
         shm.with_region(region.name, region.offset, region.size, paint, writable=True)
@@ -129,7 +133,9 @@ def _anomalies(label_map: np.ndarray, package: ModelPackage) -> list[pb2.Anomaly
     result = [
         pb2.Anomaly(
             name=BACKGROUND_NAME,
-            pixel_anomaly=pb2.PixelAnomaly(total_percentage_area=background / total, hex_color=BACKGROUND_COLOR),
+            pixel_anomaly=pb2.PixelAnomaly(
+                total_percentage_area=background / total, hex_color=BACKGROUND_COLOR
+            ),
         )
     ]
     for index, label in enumerate(package.labels, start=1):
@@ -162,7 +168,9 @@ def build_result(
     return result
 
 
-def detect_anomalies(registry: ModelRegistry, request: pb2.DetectAnomaliesRequest) -> pb2.DetectAnomaliesResponse:
+def detect_anomalies(
+    registry: ModelRegistry, request: pb2.DetectAnomaliesRequest
+) -> pb2.DetectAnomaliesResponse:
     """Validate the request, run the model and build the response."""
     if not request.model_component:
         raise InvalidArgument("model_component is empty; pass the model's component name")
@@ -172,4 +180,6 @@ def detect_anomalies(registry: ModelRegistry, request: pb2.DetectAnomaliesReques
         source = check_bitmap(request.bitmap, package)
         mask_target = mask_region(request, package)
         inference = _run_model(model, source, package)
-        return pb2.DetectAnomaliesResponse(detect_anomaly_result=build_result(inference, package, mask_target))
+        return pb2.DetectAnomaliesResponse(
+            detect_anomaly_result=build_result(inference, package, mask_target)
+        )

@@ -19,10 +19,10 @@ from typing import Protocol
 
 import numpy as np
 
+from lookout_edge.package import MANIFEST_NAME, ModelPackage, PackageError, read_package
 from lookout_edge.protocol import pb2
 
 from .errors import FailedPrecondition, ModelNotFound, ResourceExhausted
-from lookout_edge.package import MANIFEST_NAME, ModelPackage, PackageError, read_package
 from .runtime import Inference, OnnxModel
 
 log = logging.getLogger(__name__)
@@ -37,7 +37,7 @@ STOPPED, STARTING, RUNNING, FAILED, STOPPING = (
 
 
 def status_name(status: int) -> str:
-    return pb2.ModelStatus.Name(status)  # type: ignore[arg-type]
+    return pb2.ModelStatus.Name(status)
 
 
 class LoadedModel(Protocol):
@@ -119,6 +119,7 @@ class ModelRegistry:
         self.memory_limit_bytes = memory_limit_bytes
         self._loader: ModelLoader = loader or OnnxModel
         self._lock = threading.Lock()
+        self._start_lock = threading.Lock()
         self._scanned: dict[Path, _Scanned] = {}
         self._slots: dict[str, ModelSlot] = {}
 
@@ -201,19 +202,25 @@ class ModelRegistry:
         """Begin loading a model; returns STARTING at once (RUNNING or FAILED follows)."""
         self.refresh()
         slot = self._slot(name)
-        with slot.cond:
-            if slot.status not in (STOPPED, FAILED):
-                raise FailedPrecondition(
-                    f"model '{name}' is {status_name(slot.status)}; StartModel needs STOPPED or FAILED"
-                )
-            package = slot.package
-            if package is not None:
-                self._check_memory(package)
-            slot.status, slot.status_message = STARTING, "loading the model"
+        # One start decision at a time, so two starts cannot both fit into the memory budget.
+        # Lock order: _start_lock, then _lock or one slot's cond, never both of the latter.
+        with self._start_lock:
+            with self._lock:
+                others = [other for other in self._slots.values() if other is not slot]
+            in_use = sum(_memory_in_use(other) for other in others)
+            with slot.cond:
+                if slot.status not in (STOPPED, FAILED):
+                    raise FailedPrecondition(
+                        f"model '{name}' is {status_name(slot.status)}; StartModel needs STOPPED or FAILED"
+                    )
+                package = slot.package
+                if package is not None:
+                    self._check_memory(package, in_use)
+                slot.status, slot.status_message = STARTING, "loading the model"
         threading.Thread(target=self._load, args=(slot, package), name=f"load-{name}", daemon=True).start()
         return STARTING
 
-    def _check_memory(self, package: ModelPackage) -> None:
+    def _check_memory(self, package: ModelPackage, in_use: int) -> None:
         needed = estimated_memory(package)
         available = available_memory()
         if needed > available:
@@ -221,20 +228,12 @@ class ModelRegistry:
                 f"model '{package.component_name}' needs about {needed >> 20} MiB; "
                 f"the device has {available >> 20} MiB available. Stop another model or free memory"
             )
-        if self.memory_limit_bytes is not None:
-            with self._lock:
-                slots = list(self._slots.values())
-            in_use = sum(
-                estimated_memory(slot.loaded_package or slot.package)  # type: ignore[arg-type]
-                for slot in slots
-                if slot.status in (STARTING, RUNNING, STOPPING) and (slot.loaded_package or slot.package)
+        if self.memory_limit_bytes is not None and in_use + needed > self.memory_limit_bytes:
+            raise ResourceExhausted(
+                f"model '{package.component_name}' needs about {needed >> 20} MiB; running models use "
+                f"{in_use >> 20} MiB of the agent's {self.memory_limit_bytes >> 20} MiB memory limit. "
+                "Stop another model or raise memory_limit_mb"
             )
-            if in_use + needed > self.memory_limit_bytes:
-                raise ResourceExhausted(
-                    f"model '{package.component_name}' needs about {needed >> 20} MiB; running models use "
-                    f"{in_use >> 20} MiB of the agent's {self.memory_limit_bytes >> 20} MiB memory limit. "
-                    "Stop another model or raise memory_limit_mb"
-                )
 
     def _load(self, slot: ModelSlot, package: ModelPackage | None) -> None:
         try:
@@ -294,7 +293,8 @@ class ModelRegistry:
                 )
             if slot.in_flight >= self.queue_size:
                 raise ResourceExhausted(
-                    f"model '{name}' already has {slot.in_flight} calls queued (queue size {self.queue_size}); "
+                    f"model '{name}' already has {slot.in_flight} calls queued "
+                    f"(queue size {self.queue_size}); "
                     "retry shortly, or raise queue_size"
                 )
             slot.in_flight += 1
@@ -305,6 +305,14 @@ class ModelRegistry:
             with slot.cond:
                 slot.in_flight -= 1
                 slot.cond.notify_all()
+
+
+def _memory_in_use(slot: ModelSlot) -> int:
+    with slot.cond:
+        package = slot.loaded_package or slot.package
+        if slot.status in (STARTING, RUNNING, STOPPING) and package is not None:
+            return estimated_memory(package)
+    return 0
 
 
 def _manifest_stamp(directory: Path) -> tuple[int, int, int] | None:

@@ -107,7 +107,9 @@ class AgentServer:
         assert config.tls_cert and config.tls_key
         pair = (config.tls_key.read_bytes(), config.tls_cert.read_bytes())
         root = config.tls_client_ca.read_bytes() if config.tls_client_ca else None
-        return grpc.ssl_server_credentials([pair], root_certificates=root, require_client_auth=root is not None)
+        return grpc.ssl_server_credentials(
+            [pair], root_certificates=root, require_client_auth=root is not None
+        )
 
     def _secure_socket(self, path: Path) -> None:
         if self.config.socket_group:

@@ -30,7 +30,9 @@ def _rpc(method: Callable[[Any, Any, grpc.ServicerContext], Response]) -> Callab
             context.abort(exc.code, exc.message)
         except Exception:
             log.exception("%s failed unexpectedly", method.__name__)
-            context.abort(grpc.StatusCode.INTERNAL, f"{method.__name__} failed inside the agent; see the agent log")
+            context.abort(
+                grpc.StatusCode.INTERNAL, f"{method.__name__} failed inside the agent; see the agent log"
+            )
         raise AssertionError("context.abort returned")  # pragma: no cover
 
     return wrapper
@@ -56,20 +58,20 @@ class EdgeAgentServicer(pb2_grpc.EdgeAgentServicer):
         self.registry = registry
 
     @_rpc
-    def DetectAnomalies(  # noqa: N802 - gRPC method names
+    def DetectAnomalies(
         self, request: pb2.DetectAnomaliesRequest, context: grpc.ServicerContext
     ) -> pb2.DetectAnomaliesResponse:
         return detect_anomalies(self.registry, request)
 
     @_rpc
-    def DescribeModel(  # noqa: N802
+    def DescribeModel(
         self, request: pb2.DescribeModelRequest, context: grpc.ServicerContext
     ) -> pb2.DescribeModelResponse:
         info = self.registry.describe(_required_name(request))
         return pb2.DescribeModelResponse(model_description=_description(info))
 
     @_rpc
-    def ListModels(  # noqa: N802
+    def ListModels(
         self, request: pb2.ListModelsRequest, context: grpc.ServicerContext
     ) -> pb2.ListModelsResponse:
         models = [
@@ -84,13 +86,13 @@ class EdgeAgentServicer(pb2_grpc.EdgeAgentServicer):
         return pb2.ListModelsResponse(models=models)
 
     @_rpc
-    def StartModel(  # noqa: N802
+    def StartModel(
         self, request: pb2.StartModelRequest, context: grpc.ServicerContext
     ) -> pb2.StartModelResponse:
         return pb2.StartModelResponse(status=self.registry.start(_required_name(request)))  # type: ignore[arg-type]
 
     @_rpc
-    def StopModel(  # noqa: N802
+    def StopModel(
         self, request: pb2.StopModelRequest, context: grpc.ServicerContext
     ) -> pb2.StopModelResponse:
         return pb2.StopModelResponse(status=self.registry.stop(_required_name(request)))  # type: ignore[arg-type]

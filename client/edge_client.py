@@ -64,7 +64,9 @@ def as_rgb_array(image: ImageInput) -> np.ndarray:
         return np.asarray(image.convert("RGB"))
     array = np.asarray(image)
     if array.dtype != np.uint8 or array.ndim != 3 or array.shape[2] != 3:
-        raise ValueError(f"expected an [H, W, 3] uint8 RGB array, got shape {array.shape} and dtype {array.dtype}")
+        raise ValueError(
+            f"expected an [H, W, 3] uint8 RGB array, got shape {array.shape} and dtype {array.dtype}"
+        )
     return np.ascontiguousarray(array)
 
 
@@ -122,7 +124,9 @@ class EdgeAgentClient:
             if state.status == "RUNNING":
                 return state
             if state.status == "FAILED" and started:
-                raise EdgeAgentError(grpc.StatusCode.FAILED_PRECONDITION, f"model {name} failed: {state.status_message}")
+                raise EdgeAgentError(
+                    grpc.StatusCode.FAILED_PRECONDITION, f"model {name} failed: {state.status_message}"
+                )
             if state.status in ("STOPPED", "FAILED"):
                 self.start_model(name)
                 started = True

@@ -27,9 +27,13 @@ def _add_agent_parser(commands: argparse._SubParsersAction) -> None:
     parser.add_argument("--models-dir", type=Path, help="directory holding model packages")
     parser.add_argument("--socket-group", help="group that owns the socket (e.g. ggc_group)")
     parser.add_argument("--socket-mode", help="socket file mode in octal (default 0660)")
-    parser.add_argument("--queue-size", type=int, help="calls admitted per running model before RESOURCE_EXHAUSTED")
+    parser.add_argument(
+        "--queue-size", type=int, help="calls admitted per running model before RESOURCE_EXHAUSTED"
+    )
     parser.add_argument("--workers", type=int, help="threads serving calls")
-    parser.add_argument("--start-model", action="append", dest="start_models", help="start this model at launch")
+    parser.add_argument(
+        "--start-model", action="append", dest="start_models", help="start this model at launch"
+    )
     parser.add_argument("--memory-limit-mb", type=int, help="memory budget for all running models")
     parser.add_argument("--log-level", help="DEBUG, INFO, WARNING or ERROR")
     parser.add_argument("--tcp-address", help="also serve TLS on host:port (off by default)")
@@ -142,7 +146,9 @@ def _run_detect(args: argparse.Namespace) -> int:
             results.append(record)
             if not args.json:
                 verdict = "ANOMALOUS" if detection.is_anomalous else "normal"
-                areas = ", ".join(f"{a.name} {a.area:.2%}" for a in detection.anomalies if a.name != "background")
+                areas = ", ".join(
+                    f"{a.name} {a.area:.2%}" for a in detection.anomalies if a.name != "background"
+                )
                 print(
                     f"{path}: {verdict} (score {detection.anomaly_score:.3f}, threshold "
                     f"{detection.anomaly_threshold:.3f}, confidence {detection.confidence:.3f})"

@@ -149,7 +149,9 @@ def read_package(directory: Path) -> ModelPackage:
     try:
         data = json.loads(manifest.read_text(encoding="utf-8"))
     except FileNotFoundError:
-        raise PackageError(f"{manifest} is missing: not a model package, or it is still being copied") from None
+        raise PackageError(
+            f"{manifest} is missing: not a model package, or it is still being copied"
+        ) from None
     except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
         raise PackageError(f"{manifest} cannot be read as JSON: {exc}") from None
     if not isinstance(data, dict):
@@ -158,7 +160,8 @@ def read_package(directory: Path) -> ModelPackage:
     version = _require(data, "format_version", int, manifest)
     if version != FORMAT_VERSION:
         raise PackageError(
-            f"{manifest}: format_version {version} is not supported by this agent (it reads {FORMAT_VERSION}); "
+            f"{manifest}: format_version {version} is not supported by this agent "
+            f"(it reads {FORMAT_VERSION}); "
             "upgrade the agent or repackage the model"
         )
     name = _require(data, "component_name", str, manifest)
@@ -227,7 +230,9 @@ def write_package(
             _write_synced(staging / relative, content)
             entries[relative] = {"sha256": hashlib.sha256(content).hexdigest(), "size": len(content)}
         document = {"format_version": FORMAT_VERSION, **manifest, "model_file": model_file, "files": entries}
-        _write_synced(staging / MANIFEST_NAME, (json.dumps(document, indent=2, sort_keys=True) + "\n").encode())
+        _write_synced(
+            staging / MANIFEST_NAME, (json.dumps(document, indent=2, sort_keys=True) + "\n").encode()
+        )
         read_package(staging)  # never publish a package the agent would refuse
         os.chmod(staging, 0o755)
         if directory.exists():

@@ -85,7 +85,9 @@ def sample_graph(height: int, width: int, segmentation: bool) -> bytes:
         outputs,
         initializers,
     )
-    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)], producer_name="lookout-edge")
+    model = helper.make_model(
+        graph, opset_imports=[helper.make_opsetid("", 17)], producer_name="lookout-edge"
+    )
     model.ir_version = 8
     onnx.checker.check_model(model, full_check=True)
     return model.SerializeToString()

@@ -8,6 +8,7 @@ opened here directly under /dev/shm, which is what shm_open(3) does on Linux.
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import mmap
 import os
@@ -91,12 +92,10 @@ def with_region(
     try:
         return use(np.frombuffer(region, dtype=np.uint8, count=size, offset=offset))
     finally:
-        try:
+        # If `use` raised, its traceback may still hold a view: the mapping is then
+        # released with the last view, when the exception is gone.
+        with contextlib.suppress(BufferError):
             region.close()
-        except BufferError:
-            # `use` raised and its traceback still holds a view; the mapping is released
-            # with the last view when the exception is gone.
-            pass
 
 
 @dataclass
@@ -132,10 +131,8 @@ class OwnedSegment:
         if self._region.closed:
             return
         self._region.close()
-        try:
+        with contextlib.suppress(FileNotFoundError):
             os.unlink(SHM_DIR / normalize_name(self.name))
-        except FileNotFoundError:
-            pass
 
     def __enter__(self) -> OwnedSegment:
         return self

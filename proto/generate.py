@@ -25,7 +25,14 @@ def main(out: Path = OUT) -> int:
         source = Path(tmp) / "edge_agent.proto"
         source.write_text(PROTO.read_text())
         status = protoc.main(
-            ["protoc", f"-I{tmp}", f"--python_out={tmp}", f"--pyi_out={tmp}", f"--grpc_python_out={tmp}", str(source)]
+            [
+                "protoc",
+                f"-I{tmp}",
+                f"--python_out={tmp}",
+                f"--pyi_out={tmp}",
+                f"--grpc_python_out={tmp}",
+                str(source),
+            ]
         )
         if status != 0:
             print(f"protoc failed with status {status}", file=sys.stderr)

@@ -184,6 +184,9 @@ def open_fds(pid: int) -> int:
     return len(os.listdir(f"/proc/{pid}/fd"))
 
 
-def mapped_regions(pid: int) -> int:
+def mapped_regions(pid: int) -> tuple[int, int]:
+    """The process's (file-backed, anonymous) mapped regions."""
     with open(f"/proc/{pid}/maps") as maps:
-        return sum(1 for _ in maps)
+        lines = maps.read().splitlines()
+    files = sum(1 for line in lines if len(line.split()) >= 6 and line.split()[5].startswith("/"))
+    return files, len(lines) - files

@@ -22,21 +22,28 @@ def bytes_request(model: str, image: np.ndarray) -> pb2.DetectAnomaliesRequest:
     )
 
 
-def shm_request(model: str, segment: OwnedSegment, offset: int = 0, size: int = IMAGE_BYTES) -> pb2.DetectAnomaliesRequest:
+def shm_request(
+    model: str, segment: OwnedSegment, offset: int = 0, size: int = IMAGE_BYTES
+) -> pb2.DetectAnomaliesRequest:
     handle = pb2.SharedMemoryHandle(name=segment.name, offset=offset, size=size)
     return pb2.DetectAnomaliesRequest(
         model_component=model, bitmap=pb2.Bitmap(width=WIDTH, height=HEIGHT, shared_memory_handle=handle)
     )
 
 
-def expect_error(agent: RunningAgent, request: pb2.DetectAnomaliesRequest, code: grpc.StatusCode, *words: str) -> None:
+def expect_error(
+    agent: RunningAgent, request: pb2.DetectAnomaliesRequest, code: grpc.StatusCode, *words: str
+) -> None:
     with pytest.raises(grpc.RpcError) as caught:
         agent.stub.DetectAnomalies(request)
     assert caught.value.code() == code, caught.value.details()
     for word in words:
         assert word in caught.value.details(), caught.value.details()
     # The agent keeps serving after a bad request.
-    assert {m.model_component for m in agent.stub.ListModels(pb2.ListModelsRequest()).models} >= {"cls", "seg"}
+    assert {m.model_component for m in agent.stub.ListModels(pb2.ListModelsRequest()).models} >= {
+        "cls",
+        "seg",
+    }
 
 
 def test_classification_verdicts_from_bytes(agent: RunningAgent) -> None:
@@ -190,5 +197,6 @@ def test_bad_requests_get_documented_codes(agent: RunningAgent) -> None:
         )
         expect_error(agent, wrong_mask_size, invalid, "anomaly_mask_params.shared_memory_handle.size")
     agent.stub.StopModel(pb2.StopModelRequest(model_component="cls"))
-    expect_error(agent, bytes_request("cls", image), grpc.StatusCode.FAILED_PRECONDITION, "STOPPED", "StartModel")
-
+    expect_error(
+        agent, bytes_request("cls", image), grpc.StatusCode.FAILED_PRECONDITION, "STOPPED", "StartModel"
+    )
