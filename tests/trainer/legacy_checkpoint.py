@@ -34,7 +34,7 @@ class _FakeTorch:
         torch, utils = types.ModuleType("torch"), types.ModuleType("torch._utils")
         for name in _STORAGE_NAMES.values():
             setattr(torch, name, _stand_in("torch", name))
-        utils._rebuild_tensor_v2 = _stand_in("torch._utils", "_rebuild_tensor_v2")  # type: ignore[attr-defined]
+        vars(utils)["_rebuild_tensor_v2"] = _stand_in("torch._utils", "_rebuild_tensor_v2")
         self.saved = {name: sys.modules.get(name) for name in ("torch", "torch._utils")}
         sys.modules.update({"torch": torch, "torch._utils": utils})
         return {"torch": torch, "utils": utils}
@@ -51,7 +51,7 @@ class _Tensor:
     """Pickles as torch does: _rebuild_tensor_v2(storage, offset, shape, strides, False, OrderedDict())."""
 
     def __init__(self, rebuild: Any, key: str, shape: tuple[int, ...], strides: tuple[int, ...]) -> None:
-        self.args = (("storage", key), 0, shape, strides, False, collections.OrderedDict())
+        self.args: tuple[Any, ...] = (("storage", key), 0, shape, strides, False, collections.OrderedDict())
         self.rebuild = rebuild
 
     def __reduce__(self) -> tuple[Any, tuple[Any, ...]]:

@@ -104,7 +104,7 @@ def test_shipped_weights_keep_their_memory_layout(weights: dict[str, np.ndarray]
     # were read with torch.load once, so a loader that ignored the strides would scramble them.
     np.testing.assert_array_equal(
         weights["_conv_stem.weight"][0, :, 0, 0],
-        np.float32([-1.1103360652923584, -2.1162023544311523, -0.38250869512557983]),
+        np.array([-1.1103360652923584, -2.1162023544311523, -0.38250869512557983], np.float32),
     )
     assert weights["_conv_stem.weight"][5, 2, 1, 2] == np.float32(-0.04709862917661667)
     assert weights["_blocks.4._depthwise_conv.weight"][10, 0, 3, 1] == np.float32(0.008977741003036499)
