@@ -1,0 +1,9 @@
+import numpy as np
+import pytest
+
+from trainer.weights import load_pretrained_weights
+
+
+@pytest.fixture(scope="session")
+def weights() -> dict[str, np.ndarray]:
+    return load_pretrained_weights()
