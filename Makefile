@@ -4,14 +4,18 @@ VENV := .venv
 BIN := $(VENV)/bin
 PY := $(BIN)/python
 
+STAMP := $(VENV)/.installed
+
 .PHONY: setup proto lint test demo bench clean
 
-$(PY):
-	$(PYTHON) -m venv $(VENV)
+# Reinstall only when the project's dependencies change.
+$(STAMP): pyproject.toml
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet --upgrade pip
-
-setup: $(PY)
 	$(PY) -m pip install --quiet -e '.[dev]'
+	touch $(STAMP)
+
+setup: $(STAMP)
 
 proto: setup
 	$(PY) proto/generate.py
