@@ -10,6 +10,7 @@ import os
 import sys
 from collections.abc import Sequence
 from pathlib import Path
+from typing import Any
 
 from PIL import Image
 
@@ -63,12 +64,88 @@ def _add_client_parsers(commands: argparse._SubParsersAction) -> None:
     detect.add_argument("--mask-out", type=Path, help="write masks of segmentation models here as PNG")
 
 
+def _add_trainer_parsers(commands: argparse._SubParsersAction) -> None:
+    train = commands.add_parser("train", help="train, evaluate and package a model from a labelled dataset")
+    train.add_argument(
+        "dataset", type=Path, help="normal/ + anomaly/ folders, train/ + test/ folders, or a manifest"
+    )
+    train.add_argument("--out", type=Path, required=True, help="model package directory to write")
+    train.add_argument("--name", required=True, help="model component name clients will use")
+    train.add_argument("--test", type=Path, help="a separate test dataset (otherwise one is held out)")
+    train.add_argument(
+        "--favour-recall", action="store_true", help="threshold for recall (F2) rather than F1"
+    )
+    train.add_argument("--short-side", type=int, default=256, help="network input short side (default 256)")
+    train.add_argument("--seed", type=int, default=0, help="seed for the split and the coreset (default 0)")
+    train.add_argument("--json", action="store_true", help="print the evaluation as JSON")
+
+    evaluate = commands.add_parser("evaluate", help="evaluate a model package on a labelled dataset")
+    evaluate.add_argument("model_dir", type=Path, help="model package directory")
+    evaluate.add_argument("dataset", type=Path, help="labelled dataset (folders or manifest)")
+    evaluate.add_argument("--report", type=Path, default=Path("evaluation"), help="where to write the report")
+    evaluate.add_argument("--json", action="store_true", help="print the evaluation as JSON")
+
+
+def _summary_lines(metrics: dict[str, Any]) -> list[str]:
+    def pct(value: float | None) -> str:
+        return "n/a" if value is None else f"{value:.1%}"
+
+    classification = metrics["classification"]
+    lines = [
+        f"images: {metrics['images']['normal']} normal, {metrics['images']['anomalous']} anomalous",
+        f"precision {pct(classification['precision'])}, recall {pct(classification['recall'])}, "
+        f"F1 {pct(classification['f1'])}",
+    ]
+    if "auroc" in metrics:
+        lines.append(f"image AUROC {metrics['auroc']:.4f}")
+    if "pixel_auroc" in metrics:
+        lines.append(f"pixel AUROC {metrics['pixel_auroc']:.4f}")
+    if "segmentation" in metrics:
+        for label in metrics["segmentation"]["labels"]:
+            lines.append(f"label {label['name']}: F1 {pct(label['f1'])}, IoU {pct(label['iou'])}")
+        lines.append(f"mean IoU {pct(metrics['segmentation']['mean_iou'])}")
+    return lines
+
+
+def _run_train(args: argparse.Namespace) -> int:
+    from trainer.train import TrainOptions, train
+
+    options = TrainOptions(short_side=args.short_side, favour_recall=args.favour_recall, seed=args.seed)
+    result = train(args.dataset, args.out, args.name, args.test, options)
+    if args.json:
+        print(
+            json.dumps(
+                {"package": str(result.package), "seconds": result.seconds, **result.evaluation}, indent=2
+            )
+        )
+    else:
+        print(f"model package written to {result.package} ({result.seconds['total']:.1f} s)")
+        print("\n".join(_summary_lines(result.evaluation)))
+        print(f"report: {result.package / 'report.html'}")
+    return 0
+
+
+def _run_evaluate(args: argparse.Namespace) -> int:
+    from trainer.evaluate import evaluate_package
+    from trainer.report import write_report
+
+    evaluated = evaluate_package(args.model_dir, args.dataset)
+    report = write_report(args.report, evaluated.metrics, evaluated.items)
+    if args.json:
+        print(json.dumps(evaluated.metrics, indent=2))
+    else:
+        print("\n".join(_summary_lines(evaluated.metrics)))
+        print(f"report: {report}")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="lookout-edge", description=__doc__)
     parser.add_argument("--version", action="version", version=f"lookout-edge {__version__}")
     commands = parser.add_subparsers(dest="command", required=True)
     _add_agent_parser(commands)
     _add_client_parsers(commands)
+    _add_trainer_parsers(commands)
     return parser
 
 
@@ -163,6 +240,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     if args.command == "agent":
         return _run_agent(args)
+    if args.command in ("train", "evaluate"):
+        logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+        try:
+            return _run_train(args) if args.command == "train" else _run_evaluate(args)
+        except (OSError, ValueError) as exc:  # DatasetError and PackageError are ValueErrors
+            print(f"lookout-edge {args.command}: {exc}", file=sys.stderr)
+            return 1
     from client.edge_client import EdgeAgentError
 
     try:

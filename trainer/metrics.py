@@ -13,8 +13,9 @@ test images and the masks the model predicts for them", reported for each label.
 average over images of each image's IoU, not one IoU of pooled pixels; both are reported here
 (`average_iou` and `iou`), and `mean_iou` averages `average_iou` over labels.
 
-Scores and thresholds follow the model package: an image score lies in 0..1 and a score at or
-above the threshold means anomalous.
+A score at or above the threshold means anomalous. The threshold rules work on scores of any
+scale: the trainer picks its threshold on raw PatchCore distances and calibrates them to the
+model package's 0..1 scale afterwards.
 """
 
 from __future__ import annotations
@@ -24,8 +25,8 @@ from typing import TypedDict
 
 import numpy as np
 
-# Below this, a margin over the normal scores is too thin to absorb the scatter of a new normal
-# image (scores live on a 0..1 scale).
+# Below this fraction of the scale (1, or the largest normal score if larger), a margin over the
+# normal scores is too thin to absorb the scatter of a new normal image.
 MIN_NORMAL_MARGIN = 0.02
 
 
@@ -77,13 +78,6 @@ def _finite_scores(scores: np.ndarray, size: int) -> np.ndarray:
     return array
 
 
-def _unit_scores(scores: np.ndarray, size: int) -> np.ndarray:
-    array = _finite_scores(scores, size)
-    if array.min() < 0.0 or array.max() > 1.0:
-        raise ValueError("image scores must lie in 0..1")
-    return array
-
-
 def _both_classes(labels: np.ndarray, what: str) -> None:
     positives = int(labels.sum())
     if positives == 0 or positives == labels.size:
@@ -123,11 +117,12 @@ def threshold_max_f1(labels: np.ndarray, scores: np.ndarray, favour_recall: bool
     Every threshold between two neighbouring distinct scores classifies the held-out set the
     same way, so the returned value sits in the middle of the chosen gap rather than on a
     sample's score: that leaves equal room on both sides for the scatter of unseen images.
-    The bottom of the 0..1 scale is the neighbour below the lowest score. When several gaps give
+    Zero (or, for scores at or below zero, the lowest score minus one) is the neighbour below
+    the lowest score. When several gaps give
     the same best F, the widest one wins (the largest margin), then the highest.
     """
     truth = _binary_labels(labels)
-    values = _unit_scores(scores, truth.size)
+    values = _finite_scores(scores, truth.size)
     _both_classes(truth, "Choosing a threshold by F1")
     beta2 = 4.0 if favour_recall else 1.0
     distinct, inverse = np.unique(values, return_inverse=True)
@@ -138,7 +133,8 @@ def threshold_max_f1(labels: np.ndarray, scores: np.ndarray, favour_recall: bool
     fp = np.cumsum(negatives_at[::-1])[::-1]
     fn = truth.sum() - tp
     f_beta = (1 + beta2) * tp / ((1 + beta2) * tp + beta2 * fn + fp)
-    below = np.concatenate(([0.0], distinct[:-1]))
+    floor = 0.0 if distinct[0] > 0 else float(distinct[0]) - 1.0
+    below = np.concatenate(([floor], distinct[:-1]))
     gap = distinct - below
     best = np.flatnonzero(np.isclose(f_beta, f_beta.max(), rtol=0.0, atol=1e-12))
     # lexsort sorts by the last key first: widest gap, then highest candidate.
@@ -147,23 +143,24 @@ def threshold_max_f1(labels: np.ndarray, scores: np.ndarray, favour_recall: bool
 
 
 def threshold_from_normals(scores: np.ndarray) -> float:
-    """A threshold when the held-out set has only normal images: max + max(std, 0.02), capped at 1.
+    """A threshold when the held-out set has only normal images: max + max(std, 0.02 x scale).
 
     Why the maximum: for n exchangeable normal scores, a new normal image exceeds the largest of
     them with probability 1/(n+1), so the maximum alone already bounds the false-alarm rate.
     Why a margin of one sample standard deviation: the maximum of a small set underestimates
     the tail, and the spread is the natural scale of a new normal's scatter (for Gaussian scores
     and n = 5 this moves the threshold from about mean + 1.2σ to mean + 2.2σ, near 1.5 % false
-    alarms instead of about 12 %). Why a floor of 0.02: with one image, or identical scores, the
-    spread is zero and the threshold would sit on a seen normal score, flagging it. The cap at
-    1 is the top of the score scale the model package accepts.
+    alarms instead of about 12 %). Why a floor of 2 % of the scale (1, or the largest score if
+    larger): with one image, or identical scores, the spread is zero and the threshold would sit
+    on a seen normal score, flagging it.
     """
     values = np.asarray(scores, dtype=np.float64).ravel()
     if values.size == 0:
         raise ValueError("at least one normal score is needed to set a threshold")
-    values = _unit_scores(values, values.size)
+    values = _finite_scores(values, values.size)
     spread = float(values.std(ddof=1)) if values.size > 1 else 0.0
-    return min(1.0, float(values.max()) + max(spread, MIN_NORMAL_MARGIN))
+    highest = float(values.max())
+    return highest + max(spread, MIN_NORMAL_MARGIN * max(1.0, abs(highest)))
 
 
 def classification_metrics(labels: np.ndarray, predicted: np.ndarray) -> ClassificationMetrics:

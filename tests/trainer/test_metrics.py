@@ -113,15 +113,23 @@ def test_threshold_reaches_the_best_f_of_any_cut(
 def test_threshold_max_f1_rejects_degenerate_input() -> None:
     with pytest.raises(ValueError, match="both normal and anomalous"):
         threshold_max_f1(np.array([0, 0]), np.array([0.1, 0.2]))
-    with pytest.raises(ValueError, match=r"0\.\.1"):
-        threshold_max_f1(np.array([0, 1]), np.array([0.1, 1.2]))
+    with pytest.raises(ValueError, match="finite"):
+        threshold_max_f1(np.array([0, 1]), np.array([0.1, np.nan]))
+
+
+def test_threshold_max_f1_on_raw_distances() -> None:
+    labels = np.array([0, 0, 0, 1, 1])
+    assert threshold_max_f1(labels, np.array([25.0, 31.0, 35.0, 38.0, 44.0])) == pytest.approx(36.5)
 
 
 def test_threshold_from_normals_rule() -> None:
     assert threshold_from_normals(np.array([0.1, 0.2, 0.3])) == pytest.approx(0.3 + 0.1)
     assert threshold_from_normals(np.array([0.5])) == pytest.approx(0.52)
     assert threshold_from_normals(np.array([0.3, 0.3, 0.3])) == pytest.approx(0.32)
-    assert threshold_from_normals(np.array([0.97, 0.99])) == 1.0
+    assert threshold_from_normals(np.array([0.97, 0.99])) == pytest.approx(1.01)
+    # Raw distances: the spread is the margin, the floor scales with the scores.
+    assert threshold_from_normals(np.array([30.0, 32.0, 34.0])) == pytest.approx(36.0)
+    assert threshold_from_normals(np.array([50.0])) == pytest.approx(51.0)
 
 
 @given(st.lists(st.floats(0.0, 0.95), min_size=1, max_size=30))

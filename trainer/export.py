@@ -1,0 +1,179 @@
+"""The trained model as one static-shape ONNX graph, in the agent's graph contract.
+
+    image uint8 [H, W, 3]
+      -> patch features [C, P]                                    (trainer/features.py)
+      -> nearest-bank distance: ReduceMin(MatMul(-2 M, F) + |m|^2) + |f|^2, Sqrt
+      -> blurred grid map -> max -> logistic calibration          -> anomaly_score
+      -> grid map resized to [H, W]                               -> anomaly_map
+      -> segmentation: softmax regression per patch, logits resized to [H, W],
+         P(anomaly) >= pixel threshold, likeliest label, zero for normal images
+                                                                  -> label_map, anomaly_map
+
+Only operators TensorRT's ONNX parser takes are used, and no shape is dynamic.
+`reference_outputs` computes the same outputs with the numpy functions of
+trainer/patchcore.py and trainer/segmentation.py.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import onnx
+from onnx import TensorProto, helper, numpy_helper
+
+from trainer.features import FEATURES_OUTPUT, FeatureLayout, build_feature_graph
+from trainer.patchcore import anomaly_grid, blur_kernel, blur_normaliser, calibrated_score, raw_score
+from trainer.reference import resize_bilinear
+from trainer.segmentation import SegmentationHead
+
+THRESHOLD = 0.5  # calibrated_score maps the raw threshold here
+
+
+@dataclass(frozen=True)
+class TrainedModel:
+    layout: FeatureLayout
+    bank: np.ndarray  # [M, C] float32
+    centre: float  # raw score at the threshold
+    scale: float  # raw-score units per logistic unit
+    head: SegmentationHead | None = None
+
+
+class _Nodes:
+    def __init__(self, graph: onnx.GraphProto) -> None:
+        self.graph = graph
+
+    def constant(self, name: str, value: np.ndarray) -> str:
+        self.graph.initializer.append(numpy_helper.from_array(value, name))
+        return name
+
+    def add(self, op: str, inputs: list[str], output: str, **attributes: Any) -> str:
+        self.graph.node.append(helper.make_node(op, inputs, [output], name=output, **attributes))
+        return output
+
+
+def build_model_graph(weights: dict[str, np.ndarray], model: TrainedModel) -> onnx.ModelProto:
+    layout = model.layout
+    onnx_model = build_feature_graph(weights, layout)
+    graph = onnx_model.graph
+    n = _Nodes(graph)
+    rows, cols = layout.grid
+    height, width = layout.image_height, layout.image_width
+    bank = model.bank.astype(np.float32)
+
+    features = FEATURES_OUTPUT
+    squared = n.add("Mul", [features, features], "patch_squared")
+    patch_sq = n.add(
+        "ReduceSum", [squared, n.constant("axis0", np.array([0], np.int64))], "patch_sq", keepdims=1
+    )
+    products = n.add("MatMul", [n.constant("bank_times_minus2", bank * -2.0), features], "bank_products")
+    bank_sq = np.einsum("mc,mc->m", bank, bank)[:, None].astype(np.float32)
+    partial = n.add("Add", [products, n.constant("bank_sq", bank_sq)], "partial_distances")
+    nearest = n.add("ReduceMin", [partial], "nearest_partial", axes=[0], keepdims=1)
+    squared_distance = n.add("Add", [nearest, patch_sq], "nearest_squared")
+    distance = n.add(
+        "Sqrt", [n.add("Relu", [squared_distance], "nearest_squared_clamped")], "nearest_distance"
+    )
+    grid = n.add(
+        "Reshape",
+        [distance, n.constant("grid_shape", np.array([1, 1, rows, cols], np.int64))],
+        "distance_grid",
+    )
+    kernel = blur_kernel()
+    blurred = n.add(
+        "Conv", [grid, n.constant("blur_kernel", kernel[None, None])], "blurred_raw", pads=[1, 1, 1, 1]
+    )
+    normaliser = blur_normaliser(layout.grid, kernel)[None, None].astype(np.float32)
+    grid_map = n.add("Mul", [blurred, n.constant("blur_normaliser", normaliser)], "anomaly_grid")
+    raw = n.add("ReduceMax", [grid_map], "raw_score", keepdims=0)
+    inverse_scale = n.constant("inverse_scale", np.array(1.0 / model.scale, np.float32))
+    offset = n.constant("offset", np.array(-model.centre / model.scale, np.float32))
+    logit = n.add("Add", [n.add("Mul", [raw, inverse_scale], "raw_scaled"), offset], "score_logit")
+    n.add("Sigmoid", [logit], "anomaly_score")
+    image_shape = n.constant("image_map_shape", np.array([height, width], np.int64))
+    outputs = [helper.make_tensor_value_info("anomaly_score", TensorProto.FLOAT, [])]
+
+    if model.head is None:
+        resized = _resize(n, grid_map, 1, height, width, "anomaly_grid_resized")
+        n.add("Reshape", [resized, image_shape], "anomaly_map")
+    else:
+        _segmentation_nodes(n, model, grid_map, image_shape)
+        outputs.append(helper.make_tensor_value_info("label_map", TensorProto.UINT8, [height, width]))
+    outputs.append(helper.make_tensor_value_info("anomaly_map", TensorProto.FLOAT, [height, width]))
+    del graph.output[:]
+    graph.output.extend(outputs)
+    graph.name = "lookout_edge_patchcore"
+    onnx.checker.check_model(onnx_model, full_check=True)
+    return onnx_model
+
+
+def _resize(n: _Nodes, x: str, channels: int, height: int, width: int, name: str) -> str:
+    size = n.constant(f"{name}.size", np.array([1, channels, height, width], np.int64))
+    return n.add(
+        "Resize", [x, "", "", size], name, mode="linear", coordinate_transformation_mode="half_pixel"
+    )
+
+
+def _segmentation_nodes(n: _Nodes, model: TrainedModel, grid_map: str, image_shape: str) -> None:
+    head = model.head
+    assert head is not None
+    layout = model.layout
+    classes = head.weight.shape[0]
+    height, width = layout.image_height, layout.image_width
+    distances = n.add(
+        "Reshape",
+        [grid_map, n.constant("distance_row_shape", np.array([1, layout.patches], np.int64))],
+        "distance_row",
+    )
+    inputs = n.add("Concat", [FEATURES_OUTPUT, distances], "head_inputs", axis=0)
+    products = n.add("MatMul", [n.constant("head_weight", head.weight), inputs], "head_products")
+    logits = n.add("Add", [products, n.constant("head_bias", head.bias[:, None])], "head_logits")
+    grid_logits = n.add(
+        "Reshape",
+        [logits, n.constant("logit_grid_shape", np.array([1, classes, *layout.grid], np.int64))],
+        "head_logit_grid",
+    )
+    pixel_logits = _resize(n, grid_logits, classes, height, width, "pixel_logits")
+    probabilities = n.add("Softmax", [pixel_logits], "pixel_probabilities", axis=1)
+    channel_axis = n.constant("channel_axis", np.array([1], np.int64))
+    first = n.constant("first_channel", np.array([0], np.int64))
+    second = n.constant("second_channel", np.array([1], np.int64))
+    background = n.add("Slice", [probabilities, first, second, channel_axis], "background_probability")
+    anomaly = n.add("Sub", [n.constant("one", np.array(1.0, np.float32)), background], "anomaly_probability")
+    n.add("Reshape", [anomaly, image_shape], "anomaly_map")
+    end = n.constant("last_channel", np.array([classes], np.int64))
+    labels = n.add("Slice", [probabilities, second, end, channel_axis], "label_probabilities")
+    best = n.add("ArgMax", [labels], "best_label_index", axis=1, keepdims=1)
+    label = n.add("Add", [best, n.constant("label_offset", np.array(1, np.int64))], "best_label")
+    below = n.add(
+        "Less",
+        [anomaly, n.constant("pixel_threshold", np.array(head.pixel_threshold, np.float32))],
+        "below_pixel_threshold",
+    )
+    zero = n.constant("zero_label", np.array(0, np.int64))
+    pixel_label = n.add("Where", [below, zero, label], "pixel_label")
+    # A normal verdict comes with an empty mask.
+    normal = n.add(
+        "Less", ["anomaly_score", n.constant("threshold", np.array(THRESHOLD, np.float32))], "image_is_normal"
+    )
+    gated = n.add("Where", [normal, zero, pixel_label], "gated_label")
+    flat = n.add("Reshape", [gated, image_shape], "label_map_int")
+    n.add("Cast", [flat], "label_map", to=TensorProto.UINT8)
+
+
+def reference_outputs(model: TrainedModel, patches: np.ndarray) -> dict[str, np.ndarray]:
+    """The graph's outputs computed in numpy from the image's patch features [C, P]."""
+    layout = model.layout
+    size = (layout.image_height, layout.image_width)
+    grid_map = anomaly_grid(patches, model.bank, layout.grid)
+    score = float(calibrated_score(raw_score(grid_map), model.centre, model.scale))
+    outputs = {"anomaly_score": np.array(score)}
+    if model.head is None:
+        outputs["anomaly_map"] = resize_bilinear(grid_map[None].astype(np.float64), *size)[0]
+        return outputs
+    probabilities = model.head.probabilities(patches, grid_map.reshape(-1), layout.grid, size)
+    outputs["anomaly_map"] = 1.0 - probabilities[0]
+    label_map = model.head.label_map(probabilities)
+    outputs["label_map"] = label_map if score >= THRESHOLD else np.zeros_like(label_map)
+    return outputs
