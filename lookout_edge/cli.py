@@ -10,7 +10,6 @@ import os
 import sys
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any
 
 from PIL import Image
 
@@ -86,28 +85,8 @@ def _add_trainer_parsers(commands: argparse._SubParsersAction) -> None:
     evaluate.add_argument("--json", action="store_true", help="print the evaluation as JSON")
 
 
-def _summary_lines(metrics: dict[str, Any]) -> list[str]:
-    def pct(value: float | None) -> str:
-        return "n/a" if value is None else f"{value:.1%}"
-
-    classification = metrics["classification"]
-    lines = [
-        f"images: {metrics['images']['normal']} normal, {metrics['images']['anomalous']} anomalous",
-        f"precision {pct(classification['precision'])}, recall {pct(classification['recall'])}, "
-        f"F1 {pct(classification['f1'])}",
-    ]
-    if "auroc" in metrics:
-        lines.append(f"image AUROC {metrics['auroc']:.4f}")
-    if "pixel_auroc" in metrics:
-        lines.append(f"pixel AUROC {metrics['pixel_auroc']:.4f}")
-    if "segmentation" in metrics:
-        for label in metrics["segmentation"]["labels"]:
-            lines.append(f"label {label['name']}: F1 {pct(label['f1'])}, IoU {pct(label['iou'])}")
-        lines.append(f"mean IoU {pct(metrics['segmentation']['mean_iou'])}")
-    return lines
-
-
 def _run_train(args: argparse.Namespace) -> int:
+    from trainer.evaluate import summary_lines
     from trainer.train import TrainOptions, train
 
     options = TrainOptions(short_side=args.short_side, favour_recall=args.favour_recall, seed=args.seed)
@@ -120,13 +99,13 @@ def _run_train(args: argparse.Namespace) -> int:
         )
     else:
         print(f"model package written to {result.package} ({result.seconds['total']:.1f} s)")
-        print("\n".join(_summary_lines(result.evaluation)))
+        print("\n".join(summary_lines(result.evaluation)))
         print(f"report: {result.package / 'report.html'}")
     return 0
 
 
 def _run_evaluate(args: argparse.Namespace) -> int:
-    from trainer.evaluate import evaluate_package
+    from trainer.evaluate import evaluate_package, summary_lines
     from trainer.report import write_report
 
     evaluated = evaluate_package(args.model_dir, args.dataset)
@@ -134,7 +113,7 @@ def _run_evaluate(args: argparse.Namespace) -> int:
     if args.json:
         print(json.dumps(evaluated.metrics, indent=2))
     else:
-        print("\n".join(_summary_lines(evaluated.metrics)))
+        print("\n".join(summary_lines(evaluated.metrics)))
         print(f"report: {report}")
     return 0
 

@@ -1,13 +1,16 @@
 """`make demo`: the whole edge story on this machine, with no data of its own.
 
-Writes model packages, starts the Edge Agent on a private socket, and runs a client
-application against it: start the model, detect anomalies on a few images over bytes and
-over shared memory, print the verdicts, stop the model, stop the agent.
+Generates a small labelled dataset (textured parts with scratches and missing pieces, with
+masks), trains and evaluates a segmentation model on it, starts the Edge Agent on a private
+socket and runs a client application against it: start the model, detect anomalies on
+held-out images over bytes and over shared memory, print the verdicts, stop the model, stop
+the agent.
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import shutil
 import signal
 import subprocess
@@ -15,28 +18,23 @@ import sys
 import time
 from pathlib import Path
 
-import numpy as np
 from PIL import Image
 
 from client.edge_client import EdgeAgentClient
-from lookout_edge.sample_models import write_sample_package
+from trainer.evaluate import summary_lines
+from trainer.synthetic import write_synthetic_dataset
+from trainer.train import train
 
-WIDTH, HEIGHT = 640, 480
+MODEL = "parts-inspection"
 
 
-def demo_images(directory: Path) -> list[Path]:
-    """A clean part, a part with a red paint defect, and one with red and blue defects."""
-    directory.mkdir(parents=True, exist_ok=True)
-    rng = np.random.default_rng(7)
-    paths = []
-    for name, red, blue in (("clean", 0, 0), ("red-defect", 40, 0), ("two-defects", 25, 30)):
-        image = rng.integers(100, 150, size=(HEIGHT, WIDTH, 3), dtype=np.uint8)
-        image[200 : 200 + red, 100:400] = (240, 20, 20)
-        image[300 : 300 + blue, 350:600] = (20, 20, 240)
-        path = directory / f"{name}.png"
-        Image.fromarray(image).save(path)
-        paths.append(path)
-    return paths
+def held_out_images(package: Path, dataset: Path, count: int = 3) -> list[Path]:
+    """A few normal and anomalous images the model was evaluated on (not trained on)."""
+    results = json.loads((package / "evaluation.json").read_text())["results"]
+    chosen = [r for r in results if not r["is_anomalous"]][:count] + [
+        r for r in results if r["is_anomalous"]
+    ][:count]
+    return [next(dataset.rglob(record["name"])) for record in chosen]
 
 
 def wait_for_agent(client: EdgeAgentClient, agent: subprocess.Popen, timeout: float = 30.0) -> None:
@@ -59,16 +57,19 @@ def main() -> int:
     args = parser.parse_args()
     out: Path = args.out.resolve()
     shutil.rmtree(out, ignore_errors=True)
+    dataset = write_synthetic_dataset(out / "dataset", normal=20, anomalous=40)
+    print(f"1. generated a labelled dataset: {dataset}")
     models_dir = out / "models"
-    print(f"1. writing model packages to {models_dir}")
-    write_sample_package(models_dir / "paint-check", "paint-check", WIDTH, HEIGHT)
-    write_sample_package(
-        models_dir / "paint-segmentation", "paint-segmentation", WIDTH, HEIGHT, segmentation=True
-    )
-    images = demo_images(out / "images")
+    print("2. training (PatchCore on EfficientNet-Lite0 features, segmentation head)...")
+    result = train(dataset, models_dir / MODEL, MODEL)
+    print(f"   model package {result.package}, trained and evaluated in {result.seconds['total']:.1f} s")
+    for line in summary_lines(result.evaluation):
+        print(f"   {line}")
+    print(f"   report: {result.package / 'report.html'}")
+    images = held_out_images(result.package, dataset.parent)
 
     socket = f"unix://{out}/agent.sock"
-    print(f"2. starting the Edge Agent on {socket}")
+    print(f"3. starting the Edge Agent on {socket}")
     agent = subprocess.Popen(
         [sys.executable, "-m", "lookout_edge.cli", "agent", "--socket", socket,
          "--models-dir", str(models_dir), "--log-level", "WARNING"],
@@ -78,33 +79,30 @@ def main() -> int:
             wait_for_agent(client, agent)
             for state in client.list_models():
                 print(f"   model {state.name}: {state.status}")
-            for model in ("paint-check", "paint-segmentation"):
-                began = time.perf_counter()
-                client.start_and_wait(model, timeout=60)
-                print(f"3. {model} is RUNNING ({time.perf_counter() - began:.2f} s after StartModel)")
-                for shared_memory in (False, True):
-                    how = "shared memory" if shared_memory else "bytes"
-                    for path in images:
-                        result = client.detect(path, model, shared_memory=shared_memory)
-                        verdict = "ANOMALOUS" if result.is_anomalous else "normal"
-                        areas = ", ".join(
-                            f"{a.name} {a.area:.1%}" for a in result.anomalies[1:] if a.area > 0
-                        )
-                        print(
-                            f"   [{how:>13}] {path.name:<16} {verdict:<9} score {result.anomaly_score:.3f} "
-                            f"(threshold {result.anomaly_threshold:.3f}, confidence {result.confidence:.2f})"
-                            + (f"  {areas}" if areas else "")
-                        )
-                        if result.mask is not None and shared_memory:
-                            mask_path = out / "masks" / f"{path.stem}.png"
-                            mask_path.parent.mkdir(exist_ok=True)
-                            Image.fromarray(result.mask).save(mask_path)
-                print(f"4. stopping {model}: {client.stop_model(model)}")
+            began = time.perf_counter()
+            client.start_and_wait(MODEL, timeout=60)
+            print(f"4. {MODEL} is RUNNING ({time.perf_counter() - began:.2f} s after StartModel)")
+            for shared_memory in (False, True):
+                how = "shared memory" if shared_memory else "bytes"
+                for path in images:
+                    detection = client.detect(path, MODEL, shared_memory=shared_memory)
+                    verdict = "ANOMALOUS" if detection.is_anomalous else "normal"
+                    areas = ", ".join(f"{a.name} {a.area:.1%}" for a in detection.anomalies[1:] if a.area > 0)
+                    print(
+                        f"   [{how:>13}] {path.name:<16} {verdict:<9} score {detection.anomaly_score:.3f} "
+                        f"(threshold {detection.anomaly_threshold:.3f}, "
+                        f"confidence {detection.confidence:.2f})" + (f"  {areas}" if areas else "")
+                    )
+                    if detection.mask is not None and shared_memory:
+                        mask_path = out / "masks" / f"{path.stem}.png"
+                        mask_path.parent.mkdir(exist_ok=True)
+                        Image.fromarray(detection.mask).save(mask_path)
+            print(f"5. stopping {MODEL}: {client.stop_model(MODEL)}")
             print(f"   masks written to {out / 'masks'}")
     finally:
         agent.send_signal(signal.SIGTERM)
         status = agent.wait(30)
-    print(f"5. agent stopped (exit status {status})")
+    print(f"6. agent stopped (exit status {status})")
     return 0 if status == 0 else 1
 
 

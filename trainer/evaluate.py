@@ -122,3 +122,26 @@ def evaluate_package(package_dir: Path, dataset_path: Path) -> Evaluated:
             f"the model was trained on {package.width}x{package.height}"
         )
     return evaluate_model(package.model_file.path, dataset, package.labels, package.threshold)
+
+
+def summary_lines(metrics: dict[str, Any]) -> list[str]:
+    """The evaluation in a few lines for a terminal."""
+
+    def pct(value: float | None) -> str:
+        return "n/a" if value is None else f"{value:.1%}"
+
+    classification = metrics["classification"]
+    lines = [
+        f"images: {metrics['images']['normal']} normal, {metrics['images']['anomalous']} anomalous",
+        f"precision {pct(classification['precision'])}, recall {pct(classification['recall'])}, "
+        f"F1 {pct(classification['f1'])}",
+    ]
+    if "auroc" in metrics:
+        lines.append(f"image AUROC {metrics['auroc']:.4f}")
+    if "pixel_auroc" in metrics:
+        lines.append(f"pixel AUROC {metrics['pixel_auroc']:.4f}")
+    if "segmentation" in metrics:
+        for label in metrics["segmentation"]["labels"]:
+            lines.append(f"label {label['name']}: F1 {pct(label['f1'])}, IoU {pct(label['iou'])}")
+        lines.append(f"mean IoU {pct(metrics['segmentation']['mean_iou'])}")
+    return lines

@@ -80,3 +80,33 @@ def reference_features(
         if index in stages:
             features[feature_name(index)] = x[None]
     return features
+
+
+def average_pool_3x3(x: np.ndarray) -> np.ndarray:
+    """3x3 mean over each cell's neighbourhood of a CHW array, borders averaging only what exists
+    (ONNX AveragePool with pads 1 and ``count_include_pad=0``)."""
+    padded = np.pad(x, ((0, 0), (1, 1), (1, 1)))
+    sums = np.lib.stride_tricks.sliding_window_view(padded, (3, 3), axis=(1, 2)).sum(axis=(3, 4))
+    ones = np.pad(np.ones(x.shape[1:]), 1)
+    counts = np.lib.stride_tricks.sliding_window_view(ones, (3, 3)).sum(axis=(2, 3))
+    return sums / counts
+
+
+def reference_patches(
+    weights: dict[str, np.ndarray],
+    image: np.ndarray,
+    network_size: tuple[int, int],
+    grid: tuple[int, int],
+    stages: tuple[int, ...] = (2, 4),
+) -> np.ndarray:
+    """The [C, P] patch features of trainer/features.py, from the numpy backbone: each stage's map
+    averaged over 3x3 neighbourhoods, resized onto `grid`, concatenated and flattened."""
+    maps = reference_features(weights, image, network_size, stages)
+    aggregated = []
+    for stage in stages:
+        pooled = average_pool_3x3(maps[feature_name(stage)][0])
+        if pooled.shape[1:] != grid:
+            pooled = resize_bilinear(pooled, *grid)
+        aggregated.append(pooled)
+    stacked = np.concatenate(aggregated, axis=0)
+    return stacked.reshape(stacked.shape[0], -1)

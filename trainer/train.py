@@ -44,7 +44,7 @@ TEST_NORMAL_FRACTION = 1 / 3
 TEST_ANOMALOUS_FRACTION = 1 / 2
 # The logistic calibration puts the median normal training score at this anomaly score.
 NORMAL_MEDIAN_SCORE = 0.1
-# Normal patches used to train the segmentation head: one in this many (they are plentiful).
+# Background patches used to train the segmentation head: one in this many (they are plentiful).
 NORMAL_PATCH_STRIDE = 3
 
 
@@ -169,11 +169,13 @@ class _Trainer:
         normal_targets = np.zeros((labels + 1, normal_inputs.shape[1]))
         normal_targets[0] = 1.0
         truths = [self._label_map(sample) for sample in anomalous]
-        inputs = [
-            np.concatenate([f, m.reshape(1, -1)])
-            for f, m in zip(anomalous_features, anomalous_maps, strict=True)
-        ]
-        targets = [patch_targets(t, labels, grid) for t in truths]
+        inputs, targets = [], []
+        for features, grid_map, truth in zip(anomalous_features, anomalous_maps, truths, strict=True):
+            target = patch_targets(truth, labels, grid)
+            # Every patch touching a defect, and the background as thinly as on normal images.
+            chosen = (target[0] < 1.0) | (np.arange(self.layout.patches) % NORMAL_PATCH_STRIDE == 0)
+            inputs.append(np.concatenate([features, grid_map.reshape(1, -1)])[:, chosen])
+            targets.append(target[:, chosen])
 
         def fit(indices: list[int]) -> SegmentationHead:
             return train_head(

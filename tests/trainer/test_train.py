@@ -1,0 +1,159 @@
+"""Training end to end: synthetic datasets, the exported graph against numpy, determinism, the agent."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import onnx
+import onnxruntime as ort
+import pytest
+
+from lookout_edge.package import read_package
+from trainer.datasets import load_dataset
+from trainer.export import TrainedModel, build_model_graph, reference_outputs
+from trainer.features import layout_for
+from trainer.patchcore import greedy_coreset
+from trainer.reference import reference_patches
+from trainer.segmentation import train_head
+from trainer.synthetic import write_synthetic_dataset
+from trainer.train import TrainOptions, split_dataset, train
+
+COOKIES = Path(__file__).resolve().parents[2] / ".." / "shared" / "datasets" / "cookies"
+
+
+@pytest.fixture(scope="module")
+def segmentation_dataset(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    # 20 images per label: the guide's minimum for segmentation without a test set.
+    return write_synthetic_dataset(tmp_path_factory.mktemp("synthetic"), normal=20, anomalous=40)
+
+
+@pytest.fixture(scope="module")
+def segmentation_package(segmentation_dataset: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return train(segmentation_dataset, tmp_path_factory.mktemp("model") / "parts", "parts").package
+
+
+def test_segmentation_package(segmentation_package: Path) -> None:
+    package = read_package(segmentation_package)
+    assert package.model_type == "segmentation"
+    assert [label.name for label in package.labels] == ["scratch", "missing"]
+    assert package.threshold == 0.5
+    package.verify_files()
+    manifest = json.loads((segmentation_package / "manifest.json").read_text())
+    metrics = manifest["metrics"]
+    assert metrics["images"] == {"normal": 7, "anomalous": 20}  # the held-out third and half
+    assert metrics["auroc"] >= 0.95
+    assert metrics["classification"]["f1"] >= 0.9
+    assert metrics["pixel_auroc"] >= 0.95
+    assert {label["name"] for label in metrics["segmentation"]["labels"]} == {"scratch", "missing"}
+    for name in ("evaluation.json", "report.html"):
+        assert (segmentation_package / name).is_file()
+    evaluation = json.loads((segmentation_package / "evaluation.json").read_text())
+    assert len(evaluation["results"]) == 27
+
+
+def test_classification_from_folders(segmentation_dataset: Path, tmp_path: Path) -> None:
+    result = train(segmentation_dataset.parent, tmp_path / "cls", "parts-cls")
+    package = read_package(result.package)
+    assert package.model_type == "classification" and not package.labels
+    session = ort.InferenceSession(str(package.model_file.path))
+    assert {o.name for o in session.get_outputs()} == {"anomaly_score", "anomaly_map"}
+    assert result.evaluation["auroc"] >= 0.95
+
+
+def test_same_inputs_and_seed_give_the_same_bytes(segmentation_dataset: Path, tmp_path: Path) -> None:
+    first = train(segmentation_dataset, tmp_path / "a", "parts").package
+    second = train(segmentation_dataset, tmp_path / "b", "parts").package
+    for name in ("manifest.json", "model.onnx", "evaluation.json", "report.html"):
+        assert (first / name).read_bytes() == (second / name).read_bytes(), name
+    other_seed = train(segmentation_dataset, tmp_path / "c", "parts", options=TrainOptions(seed=1)).package
+    assert (other_seed / "model.onnx").read_bytes() != (first / "model.onnx").read_bytes()
+
+
+def test_graph_matches_numpy_reference(segmentation_dataset: Path, weights: dict[str, np.ndarray]) -> None:
+    """The exported graph, run by ONNX Runtime, against the model computed in plain numpy
+    (numpy backbone, aggregation, nearest neighbours, blur, calibration, segmentation head)."""
+    dataset = load_dataset(segmentation_dataset).train
+    layout = layout_for(dataset.height, dataset.width, short_side=96)
+    samples = dataset.samples[:3] + dataset.samples[-3:]
+    images = [dataset.load_image(s) for s in samples]
+    patches = [reference_patches(weights, image, layout.network_size, layout.grid) for image in images]
+    bank_source = np.concatenate([p.T for p in patches[:3]]).astype(np.float32)
+    bank = bank_source[greedy_coreset(bank_source, 60)]
+    rng = np.random.default_rng(0)
+    head = train_head(rng.standard_normal((layout.channels + 1, 500)), np.eye(3)[rng.integers(0, 3, 500)].T)
+    model = TrainedModel(layout, bank, centre=5.0, scale=1.5, head=head)
+    graph = build_model_graph(weights, model)
+    session = ort.InferenceSession(graph.SerializeToString(), providers=["CPUExecutionProvider"])
+    for image, features in zip(images, patches, strict=True):
+        score, label_map, anomaly_map = session.run(
+            ["anomaly_score", "label_map", "anomaly_map"], {"image": image}
+        )
+        expected = reference_outputs(model, features.astype(np.float32))
+        assert float(score) == pytest.approx(float(expected["anomaly_score"]), abs=1e-4)
+        np.testing.assert_allclose(anomaly_map, expected["anomaly_map"], atol=1e-4)
+        # Pixels whose probability sits within float error of the pixel threshold may flip.
+        assert np.mean(label_map != expected["label_map"]) < 1e-3
+
+
+def test_graph_is_static_and_checked(segmentation_package: Path) -> None:
+    model = onnx.load(str(segmentation_package / "model.onnx"))
+    onnx.checker.check_model(model, full_check=True)
+    inferred = onnx.shape_inference.infer_shapes(model, strict_mode=True)
+    for value in [*inferred.graph.input, *inferred.graph.output, *inferred.graph.value_info]:
+        dims = value.type.tensor_type.shape.dim
+        assert all(d.HasField("dim_value") for d in dims), value.name
+
+
+def test_split_is_stratified_and_seeded(segmentation_dataset: Path) -> None:
+    dataset = load_dataset(segmentation_dataset).train
+    train_part, test_part = split_dataset(dataset, seed=0)
+    assert (test_part.normal_count, test_part.anomalous_count) == (7, 20)
+    assert not {s.image_path for s in train_part.samples} & {s.image_path for s in test_part.samples}
+    again = split_dataset(dataset, seed=0)[1]
+    assert again.samples == test_part.samples
+    assert split_dataset(dataset, seed=1)[1].samples != test_part.samples
+
+
+def test_bad_dataset_writes_nothing(tmp_path: Path) -> None:
+    dataset = tmp_path / "data"
+    write_synthetic_dataset(dataset, normal=5, anomalous=2, segmentation=False)
+    out = tmp_path / "model"
+    completed = subprocess.run(
+        [sys.executable, "-m", "lookout_edge.cli", "train", str(dataset), "--out", str(out), "--name", "m"],
+        capture_output=True,
+        text=True,
+    )
+    assert completed.returncode == 1
+    assert "has 5 normal images" in completed.stderr and "needs at least 10" in completed.stderr
+    assert not out.exists()
+    assert [p.name for p in tmp_path.iterdir()] == ["data"]  # no staging directory left behind
+
+
+@pytest.mark.skipif(not COOKIES.is_dir(), reason="the cookies dataset is not in ../shared/datasets")
+def test_cookies_end_to_end_through_the_agent(tmp_path: Path) -> None:
+    """Train on the real cookies dataset, then serve the package: DetectAnomalies over gRPC
+    gives the verdicts and scores that the evaluation recorded."""
+    from client.edge_client import EdgeAgentClient
+    from tests.conftest import AgentProcess, short_tmpdir
+
+    models = tmp_path / "models"
+    result = train(COOKIES / "train.manifest", models / "cookies", "cookies")
+    evaluation = json.loads((result.package / "evaluation.json").read_text())
+    assert evaluation["auroc"] >= 0.98
+    agent = AgentProcess(short_tmpdir() / "agent.sock", models)
+    try:
+        agent.wait_ready()
+        with EdgeAgentClient(agent.address) as client:
+            client.start_and_wait("cookies", timeout=60)
+            for record in evaluation["results"]:
+                path = COOKIES / "training-images" / record["name"]
+                detection = client.detect(path, "cookies", shared_memory=True)
+                assert detection.is_anomalous == record["predicted"], record["name"]
+                assert detection.anomaly_score == pytest.approx(record["score"], abs=1e-5)
+                assert detection.mask is not None and detection.mask.shape == (768, 576, 3)
+    finally:
+        assert agent.stop() == 0
