@@ -33,6 +33,7 @@ demo: setup
 
 bench: setup
 	$(PY) bench/bench_agent.py $(BENCH_ARGS)
+	$(PY) bench/bench_trainer.py
 
 clean:
 	rm -rf $(VENV) build *.egg-info .pytest_cache .mypy_cache .ruff_cache

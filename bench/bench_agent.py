@@ -44,25 +44,17 @@ TARGETS = {
 
 
 def bench_model_graph(width: int, height: int) -> bytes:
-    """A realistic-cost classification graph: the trainer's EfficientNet-Lite0 backbone and a
-    pooled sigmoid head (the work of a trained model's feature extraction)."""
-    from onnx import TensorProto, helper
-
-    from trainer.backbone import build_backbone_graph
+    """A classification graph exactly as the trainer exports it (EfficientNet-Lite0 features,
+    nearest-neighbour search in a 3,000-patch memory bank, blur, calibration), with a random
+    bank: the cost of a trained model without training one per resolution."""
+    from trainer.export import TrainedModel, build_model_graph
+    from trainer.features import layout_for
     from trainer.weights import load_pretrained_weights
 
-    model = build_backbone_graph(load_pretrained_weights(), height, width, stages=(2, 4))
-    graph = model.graph
-    feature = graph.output[-1].name
-    graph.node.extend(
-        [
-            helper.make_node("ReduceMean", [feature], ["pooled"], keepdims=0),
-            helper.make_node("Sigmoid", ["pooled"], ["anomaly_score"]),
-        ]
-    )
-    del graph.output[:]
-    graph.output.append(helper.make_tensor_value_info("anomaly_score", TensorProto.FLOAT, []))
-    return model.SerializeToString()
+    layout = layout_for(height, width)
+    bank = np.random.default_rng(0).standard_normal((3000, layout.channels)).astype(np.float32)
+    model = TrainedModel(layout, bank, centre=40.0, scale=2.5)
+    return build_model_graph(load_pretrained_weights(), model).SerializeToString()
 
 
 def write_bench_packages(models_dir: Path) -> dict[tuple[int, int], str]:
@@ -237,7 +229,7 @@ def main() -> int:
     results: dict = {"machine": f"{os.cpu_count()} cores, {sys.platform}", "onnxruntime": ort.__version__}
     try:
         models_dir = work / "models"
-        print("building bench models (EfficientNet-Lite0 backbone + pooled head)...", flush=True)
+        print("building bench models (the trainer's graph, 3,000-patch bank)...", flush=True)
         names = write_bench_packages(models_dir)
         agent = Agent(models_dir, work)
         try:

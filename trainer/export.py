@@ -5,8 +5,9 @@
       -> nearest-bank distance: ReduceMin(MatMul(-2 M, F) + |m|^2) + |f|^2, Sqrt
       -> blurred grid map -> max -> logistic calibration          -> anomaly_score
       -> grid map resized to [H, W]                               -> anomaly_map
-      -> segmentation: softmax regression per patch, logits resized to [H, W],
-         P(anomaly) >= pixel threshold, likeliest label, zero for normal images
+      -> segmentation: softmax regression per patch, label logits relative to the
+         background's resized to [H, W], P(anomaly) >= pixel threshold, likeliest label,
+         zero for normal images
                                                                   -> label_map, anomaly_map
 
 Only operators TensorRT's ONNX parser takes are used, and no shape is dynamic.
@@ -119,7 +120,7 @@ def _segmentation_nodes(n: _Nodes, model: TrainedModel, grid_map: str, image_sha
     head = model.head
     assert head is not None
     layout = model.layout
-    classes = head.weight.shape[0]
+    labels = head.weight.shape[0] - 1
     height, width = layout.image_height, layout.image_width
     distances = n.add(
         "Reshape",
@@ -127,39 +128,32 @@ def _segmentation_nodes(n: _Nodes, model: TrainedModel, grid_map: str, image_sha
         "distance_row",
     )
     inputs = n.add("Concat", [FEATURES_OUTPUT, distances], "head_inputs", axis=0)
-    products = n.add("MatMul", [n.constant("head_weight", head.weight), inputs], "head_products")
-    logits = n.add("Add", [products, n.constant("head_bias", head.bias[:, None])], "head_logits")
-    grid_logits = n.add(
-        "Reshape",
-        [logits, n.constant("logit_grid_shape", np.array([1, classes, *layout.grid], np.int64))],
-        "head_logit_grid",
-    )
-    pixel_logits = _resize(n, grid_logits, classes, height, width, "pixel_logits")
-    probabilities = n.add("Softmax", [pixel_logits], "pixel_probabilities", axis=1)
-    channel_axis = n.constant("channel_axis", np.array([1], np.int64))
-    first = n.constant("first_channel", np.array([0], np.int64))
-    second = n.constant("second_channel", np.array([1], np.int64))
-    background = n.add("Slice", [probabilities, first, second, channel_axis], "background_probability")
-    anomaly = n.add("Sub", [n.constant("one", np.array(1.0, np.float32)), background], "anomaly_probability")
+    weight = n.constant("head_relative_weight", head.relative_weight)
+    bias = n.constant("head_relative_bias", head.relative_bias[:, None])
+    relative = n.add("Add", [n.add("MatMul", [weight, inputs], "head_products"), bias], "relative_logits")
+    grid_shape = n.constant("logit_grid_shape", np.array([1, labels, *layout.grid], np.int64))
+    grid_logits = n.add("Reshape", [relative, grid_shape], "relative_logit_grid")
+    pixel_logits = _resize(n, grid_logits, labels, height, width, "pixel_logits")
+    if labels == 1:
+        log_sum = pixel_logits
+        label = n.constant("only_label", np.array(1, np.uint8))
+    else:
+        log_sum = n.add("ReduceLogSumExp", [pixel_logits], "pixel_log_sum", axes=[1], keepdims=1)
+        best = n.add("ArgMax", [pixel_logits], "best_label_index", axis=1, keepdims=1)
+        offset = n.add("Add", [best, n.constant("label_offset", np.array(1, np.int64))], "best_label_int")
+        label = n.add("Cast", [offset], "best_label", to=TensorProto.UINT8)
+    anomaly = n.add("Sigmoid", [log_sum], "anomaly_probability")
     n.add("Reshape", [anomaly, image_shape], "anomaly_map")
-    end = n.constant("last_channel", np.array([classes], np.int64))
-    labels = n.add("Slice", [probabilities, second, end, channel_axis], "label_probabilities")
-    best = n.add("ArgMax", [labels], "best_label_index", axis=1, keepdims=1)
-    label = n.add("Add", [best, n.constant("label_offset", np.array(1, np.int64))], "best_label")
-    below = n.add(
-        "Less",
-        [anomaly, n.constant("pixel_threshold", np.array(head.pixel_threshold, np.float32))],
-        "below_pixel_threshold",
-    )
-    zero = n.constant("zero_label", np.array(0, np.int64))
+    pixel_threshold = n.constant("pixel_threshold", np.array(head.pixel_threshold, np.float32))
+    below = n.add("Less", [anomaly, pixel_threshold], "below_pixel_threshold")
+    zero = n.constant("zero_label", np.array(0, np.uint8))
     pixel_label = n.add("Where", [below, zero, label], "pixel_label")
     # A normal verdict comes with an empty mask.
     normal = n.add(
         "Less", ["anomaly_score", n.constant("threshold", np.array(THRESHOLD, np.float32))], "image_is_normal"
     )
     gated = n.add("Where", [normal, zero, pixel_label], "gated_label")
-    flat = n.add("Reshape", [gated, image_shape], "label_map_int")
-    n.add("Cast", [flat], "label_map", to=TensorProto.UINT8)
+    n.add("Reshape", [gated, image_shape], "label_map")
 
 
 def reference_outputs(model: TrainedModel, patches: np.ndarray) -> dict[str, np.ndarray]:
@@ -172,8 +166,8 @@ def reference_outputs(model: TrainedModel, patches: np.ndarray) -> dict[str, np.
     if model.head is None:
         outputs["anomaly_map"] = resize_bilinear(grid_map[None].astype(np.float64), *size)[0]
         return outputs
-    probabilities = model.head.probabilities(patches, grid_map.reshape(-1), layout.grid, size)
-    outputs["anomaly_map"] = 1.0 - probabilities[0]
-    label_map = model.head.label_map(probabilities)
+    anomaly, label = model.head.pixel_maps(patches, grid_map.reshape(-1), layout.grid, size)
+    outputs["anomaly_map"] = anomaly
+    label_map = model.head.label_map(anomaly, label)
     outputs["label_map"] = label_map if score >= THRESHOLD else np.zeros_like(label_map)
     return outputs

@@ -21,32 +21,41 @@ LEARNING_RATE = 0.05
 
 @dataclass(frozen=True)
 class SegmentationHead:
-    """logits = weight @ [features; distance] + bias, with the input standardisation folded in."""
+    """logits = weight @ [features; distance] + bias, with the input standardisation folded in.
+
+    Inference only needs each label's logit relative to the background's,
+    d_k = l_k - l_0: P(anomaly) = sigmoid(log sum_k exp(d_k)) and the likeliest label is
+    argmax_k d_k. Resizing is linear, so the relative logits are computed on the patch grid
+    and resized once, and no per-pixel softmax is needed.
+    """
 
     weight: np.ndarray  # [K + 1, C + 1]
     bias: np.ndarray  # [K + 1]
     pixel_threshold: float = 0.5
 
-    def logits(self, patches: np.ndarray, distances: np.ndarray) -> np.ndarray:
-        """[K + 1, P] logits for patch features [C, P] and their distances [P]."""
-        inputs = np.concatenate([patches, distances[None, :]], axis=0)
-        return self.weight @ inputs + self.bias[:, None]
+    @property
+    def relative_weight(self) -> np.ndarray:
+        return (self.weight[1:] - self.weight[0]).astype(np.float32)
 
-    def probabilities(
+    @property
+    def relative_bias(self) -> np.ndarray:
+        return (self.bias[1:] - self.bias[0]).astype(np.float32)
+
+    def pixel_maps(
         self, patches: np.ndarray, distances: np.ndarray, grid: tuple[int, int], size: tuple[int, int]
-    ) -> np.ndarray:
-        """[K + 1, H, W] per-pixel label probabilities: logits upsampled, then softmax."""
-        logits = self.logits(patches, distances).reshape(-1, *grid)
-        upsampled = resize_bilinear(logits.astype(np.float64), *size)
-        upsampled -= upsampled.max(axis=0, keepdims=True)
-        exp = np.exp(upsampled)
-        return exp / exp.sum(axis=0, keepdims=True)
+    ) -> tuple[np.ndarray, np.ndarray]:
+        """(P(anomaly) [H, W], likeliest label [H, W] uint8, 1..K) for patch features [C, P]."""
+        inputs = np.concatenate([patches, distances[None, :]], axis=0)
+        relative = self.relative_weight @ inputs + self.relative_bias[:, None]
+        upsampled = resize_bilinear(relative.reshape(-1, *grid).astype(np.float64), *size)
+        top = upsampled.max(axis=0)
+        log_sum = top + np.log(np.exp(upsampled - top).sum(axis=0))
+        anomaly = 1.0 / (1.0 + np.exp(-log_sum))
+        return anomaly, (np.argmax(upsampled, axis=0) + 1).astype(np.uint8)
 
-    def label_map(self, probabilities: np.ndarray) -> np.ndarray:
+    def label_map(self, anomaly: np.ndarray, label: np.ndarray) -> np.ndarray:
         """[H, W] uint8 labels: 0 where P(anomaly) is below the pixel threshold, else the likeliest label."""
-        anomalous = (1.0 - probabilities[0]) >= self.pixel_threshold
-        label = np.argmax(probabilities[1:], axis=0) + 1
-        return np.where(anomalous, label, 0).astype(np.uint8)
+        return np.where(anomaly >= self.pixel_threshold, label, 0).astype(np.uint8)
 
 
 def patch_targets(label_map: np.ndarray, labels: int, grid: tuple[int, int]) -> np.ndarray:
@@ -100,17 +109,18 @@ def train_head(inputs: np.ndarray, targets: np.ndarray, seed: int = 0) -> Segmen
     return SegmentationHead(weight=folded_weight.astype(np.float32), bias=folded_bias.astype(np.float32))
 
 
-def best_pixel_threshold(probabilities: list[np.ndarray], truths: list[np.ndarray], labels: int) -> float:
+def best_pixel_threshold(
+    maps: list[tuple[np.ndarray, np.ndarray]], truths: list[np.ndarray], labels: int
+) -> float:
     """The P(anomaly) threshold that maximises the mean IoU over labels on held-out images.
 
-    Pixels are tallied in a histogram per (predicted label, true label) over 200 probability
-    bins, so every candidate threshold is scored at once.
+    `maps` are `SegmentationHead.pixel_maps` outputs. Pixels are tallied in a histogram per
+    (predicted label, true label) over 200 probability bins, so every candidate threshold is
+    scored at once.
     """
     bins = 200
     histogram = np.zeros((labels + 1, labels + 1, bins))
-    for probs, truth in zip(probabilities, truths, strict=True):
-        anomaly = 1.0 - probs[0]
-        predicted = np.argmax(probs[1:], axis=0) + 1
+    for (anomaly, predicted), truth in zip(maps, truths, strict=True):
         bucket = np.minimum((anomaly * bins).astype(np.intp), bins - 1)
         np.add.at(
             histogram, (predicted.reshape(-1), truth.reshape(-1).astype(np.intp), bucket.reshape(-1)), 1.0

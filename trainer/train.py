@@ -188,15 +188,15 @@ class _Trainer:
         size = (self.dataset.height, self.dataset.width)
         if len(anomalous) >= 2:
             halves = [everything[0::2], everything[1::2]]
-            probabilities, held_out_truths = [], []
+            maps, held_out_truths = [], []
             for fold, other in ((halves[0], halves[1]), (halves[1], halves[0])):
                 head = fit(fold)
                 for i in other:
-                    probabilities.append(
-                        head.probabilities(anomalous_features[i], anomalous_maps[i].reshape(-1), grid, size)
+                    maps.append(
+                        head.pixel_maps(anomalous_features[i], anomalous_maps[i].reshape(-1), grid, size)
                     )
                     held_out_truths.append(truths[i])
-            threshold = best_pixel_threshold(probabilities, held_out_truths, labels)
+            threshold = best_pixel_threshold(maps, held_out_truths, labels)
         else:
             threshold = 0.5
         return replace(fit(everything), pixel_threshold=threshold)
