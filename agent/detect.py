@@ -62,13 +62,14 @@ def check_bitmap(bitmap: pb2.Bitmap, package: ModelPackage) -> bytes | ShmRegion
         )
     kind = bitmap.WhichOneof("data")
     if kind == "byte_data":
+        data = bitmap.byte_data  # each read of the field copies it: read it once
         expected = width * height * 3
-        if len(bitmap.byte_data) != expected:
+        if len(data) != expected:
             raise InvalidArgument(
-                f"bitmap.byte_data holds {len(bitmap.byte_data)} bytes, but a {width}x{height} RGB888 bitmap "
+                f"bitmap.byte_data holds {len(data)} bytes, but a {width}x{height} RGB888 bitmap "
                 f"is width*height*3 = {expected} bytes"
             )
-        return bitmap.byte_data
+        return data
     if kind == "shared_memory_handle":
         return _check_region("bitmap.shared_memory_handle", bitmap.shared_memory_handle, width, height)
     raise InvalidArgument("bitmap has neither byte_data nor shared_memory_handle; set one of them")

@@ -19,6 +19,7 @@ import grpc
 from lookout_edge.protocol import pb2_grpc
 
 from .config import AgentConfig
+from .malloc import recycle_large_buffers
 from .models import ModelRegistry
 from .service import EdgeAgentServicer
 
@@ -145,6 +146,7 @@ class AgentServer:
 
 def serve(config: AgentConfig) -> int:
     """Run the agent until SIGTERM or SIGINT; returns the process exit status."""
+    recycle_large_buffers()
     agent = AgentServer(config)
     try:
         agent.start()

@@ -60,3 +60,13 @@ def test_bad_settings_are_named(tmp_path: Path, content: str, message: str) -> N
 def test_missing_config_file(tmp_path: Path) -> None:
     with pytest.raises(ConfigError, match="cannot read config file"):
         load_config(tmp_path / "absent.yaml", environ={})
+
+
+def test_large_buffers_are_recycled_on_glibc() -> None:
+    import platform
+
+    from agent.malloc import recycle_large_buffers
+
+    if platform.libc_ver()[0] != "glibc":
+        pytest.skip("mallopt is glibc's")
+    assert recycle_large_buffers() is True

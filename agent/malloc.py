@@ -1,0 +1,38 @@
+"""Keep large request buffers in the heap instead of returning them to the kernel.
+
+Every `byte_data` request allocates several buffers of the image's size (gRPC's receive
+buffer, the Python bytes object, ...). glibc serves allocations that large with fresh
+mmap()s and unmaps them when freed, so every call pays page faults and zeroing for each
+buffer: measured at about 20 ms of agent CPU per 1920x1080 request on a 2-core VM, against
+6 to 10 ms once those buffers are recycled from the heap. Raising glibc's mmap and trim
+thresholds makes freed buffers reusable; the price is that the heap keeps up to
+`TRIM_THRESHOLD` of free memory instead of returning it.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import ctypes.util
+import logging
+
+log = logging.getLogger(__name__)
+
+M_TRIM_THRESHOLD = -1
+M_MMAP_THRESHOLD = -3
+# Above the largest bitmap (4096 x 4096 x 3 = 48 MiB), so that every request buffer is recyclable.
+MMAP_THRESHOLD = 64 << 20
+TRIM_THRESHOLD = 256 << 20
+
+
+def recycle_large_buffers() -> bool:
+    """Apply the thresholds; returns False where the C library is not glibc (nothing changes)."""
+    name = ctypes.util.find_library("c")
+    try:
+        libc = ctypes.CDLL(name) if name else None
+        mallopt = libc.mallopt if libc is not None else None
+    except (OSError, AttributeError):
+        mallopt = None
+    if mallopt is None:
+        log.info("mallopt is not available; large request buffers are not recycled")
+        return False
+    return bool(mallopt(M_MMAP_THRESHOLD, MMAP_THRESHOLD)) and bool(mallopt(M_TRIM_THRESHOLD, TRIM_THRESHOLD))
