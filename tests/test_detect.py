@@ -200,3 +200,54 @@ def test_bad_requests_get_documented_codes(agent: RunningAgent) -> None:
     expect_error(
         agent, bytes_request("cls", image), grpc.StatusCode.FAILED_PRECONDITION, "STOPPED", "StartModel"
     )
+
+
+def test_unexpected_model_error_is_internal_and_the_agent_keeps_serving(agent_factory, models_dir) -> None:  # type: ignore[no-untyped-def]
+    """A real graph that fails at run time for some inputs: it reshapes the image by its first
+    pixel's value, which only divides the image size for some values."""
+    from onnx import TensorProto, helper, numpy_helper
+
+    from lookout_edge.package import write_package
+
+    nodes = [
+        helper.make_node("Reshape", ["image", "flat_shape"], ["flat"]),
+        helper.make_node("Slice", ["flat", "zero", "one"], ["first"]),
+        helper.make_node("Cast", ["first"], ["rows"], to=TensorProto.INT64),
+        helper.make_node("Concat", ["rows", "minus_one"], ["shape"], axis=0),
+        helper.make_node("Reshape", ["flat", "shape"], ["reshaped"]),
+        helper.make_node("Cast", ["reshaped"], ["values"], to=TensorProto.FLOAT),
+        helper.make_node("ReduceMax", ["values"], ["peak"], keepdims=0),
+        helper.make_node("Div", ["peak", "scale"], ["anomaly_score"]),
+    ]
+    constants = [
+        numpy_helper.from_array(np.array([-1], np.int64), "flat_shape"),
+        numpy_helper.from_array(np.array([0], np.int64), "zero"),
+        numpy_helper.from_array(np.array([1], np.int64), "one"),
+        numpy_helper.from_array(np.array([-1], np.int64), "minus_one"),
+        numpy_helper.from_array(np.array(255.0, np.float32), "scale"),
+    ]
+    graph = helper.make_graph(
+        nodes,
+        "fails_for_some_inputs",
+        [helper.make_tensor_value_info("image", TensorProto.UINT8, [HEIGHT, WIDTH, 3])],
+        [helper.make_tensor_value_info("anomaly_score", TensorProto.FLOAT, [])],
+        constants,
+    )
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    model.ir_version = 8
+    manifest = {
+        "component_name": "fragile",
+        "model_type": "classification",
+        "image": {"width": WIDTH, "height": HEIGHT},
+        "threshold": 0.5,
+    }
+    write_package(models_dir / "fragile", manifest, {"model.onnx": model.SerializeToString()})
+    agent = agent_factory()
+    agent.start("fragile")  # the warm-up image is all zeros: Reshape to [0 -> keep, -1] works
+    good = make_image()
+    good[0, 0] = (1, 0, 0)  # 1 divides everything
+    assert agent.stub.DetectAnomalies(bytes_request("fragile", good)).detect_anomaly_result.anomaly_score > 0
+    bad = make_image()
+    bad[0, 0] = (7, 0, 0)  # 128 * 96 * 3 is not a multiple of 7
+    expect_error(agent, bytes_request("fragile", bad), grpc.StatusCode.INTERNAL, "see the agent log")
+    assert agent.stub.DetectAnomalies(bytes_request("fragile", good)).detect_anomaly_result.anomaly_score > 0

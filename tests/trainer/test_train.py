@@ -157,3 +157,41 @@ def test_cookies_end_to_end_through_the_agent(tmp_path: Path) -> None:
                 assert detection.mask is not None and detection.mask.shape == (768, 576, 3)
     finally:
         assert agent.stop() == 0
+
+
+def test_normal_only_training_set_with_a_test_set(tmp_path: Path) -> None:
+    """train/ holds normal images only: the threshold comes from the normal scores alone."""
+    source = write_synthetic_dataset(tmp_path / "source", normal=20, anomalous=10, segmentation=False).parent
+    normals = sorted((source / "normal").iterdir())
+    layout = {
+        "train/normal": normals[:10],
+        "test/normal": normals[10:],
+        "test/anomaly": sorted((source / "anomaly").iterdir()),
+    }
+    for folder, files in layout.items():
+        (tmp_path / "data" / folder).mkdir(parents=True)
+        for file in files:
+            (tmp_path / "data" / folder / file.name).write_bytes(file.read_bytes())
+    result = train(tmp_path / "data", tmp_path / "model", "normals-only")
+    manifest = json.loads((result.package / "manifest.json").read_text())
+    assert manifest["training"]["images"] == {"normal": 10, "anomalous": 0}
+    assert manifest["training"]["test_images"] == {"normal": 10, "anomalous": 10}
+    assert result.evaluation["auroc"] >= 0.9
+    # No training score reaches the threshold: the highest normal score plus a margin.
+    assert result.evaluation["classification"]["fp"] <= 1
+
+
+def test_evaluate_command(segmentation_package: Path, segmentation_dataset: Path, tmp_path: Path) -> None:
+    report = tmp_path / "report"
+    completed = subprocess.run(
+        [sys.executable, "-m", "lookout_edge.cli", "evaluate", str(segmentation_package), str(segmentation_dataset),
+         "--report", str(report), "--json"],
+        capture_output=True,
+        text=True,
+    )  # fmt: skip
+    assert completed.returncode == 0, completed.stderr
+    metrics = json.loads(completed.stdout)
+    assert metrics["images"] == {"normal": 20, "anomalous": 40}  # every image of the dataset
+    assert {"classification", "auroc", "pixel_auroc", "segmentation"} <= set(metrics)
+    assert (report / "report.html").is_file()
+    assert len(json.loads((report / "evaluation.json").read_text())["results"]) == 60
