@@ -184,8 +184,8 @@ def test_normal_only_training_set_with_a_test_set(tmp_path: Path) -> None:
 def test_evaluate_command(segmentation_package: Path, segmentation_dataset: Path, tmp_path: Path) -> None:
     report = tmp_path / "report"
     completed = subprocess.run(
-        [sys.executable, "-m", "lookout_edge.cli", "evaluate", str(segmentation_package), str(segmentation_dataset),
-         "--report", str(report), "--json"],
+        [sys.executable, "-m", "lookout_edge.cli", "evaluate", str(segmentation_package),
+         str(segmentation_dataset), "--report", str(report), "--json"],
         capture_output=True,
         text=True,
     )  # fmt: skip
