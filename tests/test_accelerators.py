@@ -268,3 +268,13 @@ def test_entry_that_tensorrt_cannot_deserialize_is_rebuilt(tmp_path: Path) -> No
     cache.write(KEY, b"stale")
     result = cache.load_or_build(KEY, lambda: b"fresh", lambda data: None if data == b"stale" else data)
     assert result == b"fresh" and cache.read(KEY) == b"fresh"
+
+
+def test_accelerator_settings_are_checked() -> None:
+    from agent.config import ConfigError, load_config
+
+    assert load_config(environ={"LOOKOUT_EDGE_ACCELERATOR": "tensorrt"}).accelerator == "tensorrt"
+    with pytest.raises(ConfigError, match="accelerator 'gpu' is not one of auto, cpu, cuda, tensorrt"):
+        load_config(overrides={"accelerator": "gpu"}, environ={})
+    with pytest.raises(ConfigError, match="tensorrt_precision 'int8'"):
+        load_config(overrides={"tensorrt_precision": "int8"}, environ={})
