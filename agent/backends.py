@@ -187,7 +187,10 @@ class BackendSelector:
 
     def check_fits(self, package: ModelPackage, needed: int) -> None:
         """RESOURCE_EXHAUSTED when the plan starts on a GPU whose free memory is below `needed`."""
-        plan, _ = self.plan(package)
+        try:
+            plan, _ = self.plan(package)
+        except PackageError:
+            return  # the load reports it: the model becomes FAILED with the reason
         gpu = self.environment().gpu if plan[0] != "cpu" else None
         if gpu is not None and needed > gpu.free_bytes:
             raise ResourceExhausted(

@@ -278,3 +278,10 @@ def test_accelerator_settings_are_checked() -> None:
         load_config(overrides={"accelerator": "gpu"}, environ={})
     with pytest.raises(ConfigError, match="tensorrt_precision 'int8'"):
         load_config(overrides={"tensorrt_precision": "int8"}, environ={})
+
+
+def test_start_with_a_package_for_another_gpu_fails_the_model_not_the_call(tmp_path: Path) -> None:
+    registry = registry_for(tmp_path, XAVIER, gpu_env((8, 6)), {"tensorrt": FakeGpuBackend})
+    registry.start("m")
+    message = wait_for(registry, "m", FAILED)
+    assert "jetson_xavier (sm_72)" in message and "(sm_86)" in message
