@@ -15,6 +15,9 @@ from lookout_edge import DEFAULT_SOCKET
 
 ENV_PREFIX = "LOOKOUT_EDGE_"
 DEFAULT_MODELS_DIR = "/var/lib/lookout-edge/models"
+DEFAULT_ENGINE_CACHE_DIR = "/var/lib/lookout-edge/engines"
+ACCELERATORS = ("auto", "cpu", "cuda", "tensorrt")
+PRECISIONS = ("auto", "fp16", "fp32")
 
 
 class ConfigError(ValueError):
@@ -38,6 +41,10 @@ class AgentConfig:
     tls_cert: Path | None = None
     tls_key: Path | None = None
     tls_client_ca: Path | None = None
+    # Accelerators (docs/accelerators.md).
+    accelerator: str = "auto"
+    engine_cache_dir: Path = Path(DEFAULT_ENGINE_CACHE_DIR)
+    tensorrt_precision: str = "auto"
 
     def socket_path(self) -> Path:
         """The filesystem path of a `unix:` socket address."""
@@ -140,5 +147,11 @@ def _validate(config: AgentConfig) -> None:
         raise ConfigError("memory_limit_mb must be a positive number of MiB")
     if config.tcp_address and not (config.tls_cert and config.tls_key):
         raise ConfigError("tcp_address needs tls_cert and tls_key: the TCP listener only serves TLS")
+    if config.accelerator not in ACCELERATORS:
+        raise ConfigError(f"accelerator {config.accelerator!r} is not one of {', '.join(ACCELERATORS)}")
+    if config.tensorrt_precision not in PRECISIONS:
+        raise ConfigError(
+            f"tensorrt_precision {config.tensorrt_precision!r} is not one of {', '.join(PRECISIONS)}"
+        )
     if config.tls_client_ca and not config.tcp_address:
         raise ConfigError("tls_client_ca is set but tcp_address is not")

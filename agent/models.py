@@ -22,6 +22,7 @@ import numpy as np
 from lookout_edge.package import MANIFEST_NAME, ModelPackage, PackageError, read_package
 from lookout_edge.protocol import pb2
 
+from .backends import GpuOutOfMemory
 from .errors import FailedPrecondition, ModelNotFound, ResourceExhausted
 from .runtime import Inference, OnnxModel
 
@@ -113,11 +114,14 @@ class ModelRegistry:
         queue_size: int = 8,
         memory_limit_bytes: int | None = None,
         loader: ModelLoader | None = None,
+        fits_device: Callable[[ModelPackage, int], None] | None = None,
     ) -> None:
         self.models_dir = models_dir
         self.queue_size = queue_size
         self.memory_limit_bytes = memory_limit_bytes
         self._loader: ModelLoader = loader or OnnxModel
+        # Raises ResourceExhausted when the model's accelerator lacks the memory (agent/backends.py).
+        self._fits_device = fits_device
         self._lock = threading.Lock()
         self._start_lock = threading.Lock()
         self._scanned: dict[Path, _Scanned] = {}
@@ -173,6 +177,8 @@ class ModelRegistry:
             slot = self._slots.pop(name)
             with slot.cond:
                 log.info("model %s removed from %s; unloading it", name, self.models_dir)
+                if slot.in_flight == 0:  # otherwise the last call's reference frees it
+                    _close(slot.model)
                 slot.status, slot.model, slot.loaded_package = STOPPED, None, None
 
     # -- queries -----------------------------------------------------------------------------
@@ -234,6 +240,8 @@ class ModelRegistry:
                 f"{in_use >> 20} MiB of the agent's {self.memory_limit_bytes >> 20} MiB memory limit. "
                 "Stop another model or raise memory_limit_mb"
             )
+        if self._fits_device is not None:
+            self._fits_device(package, needed)
 
     def _load(self, slot: ModelSlot, package: ModelPackage | None) -> None:
         try:
@@ -246,6 +254,8 @@ class ModelRegistry:
                 raise PackageError(f"{package.model_file.path}: the graph returns a non-finite anomaly score")
         except MemoryError:
             self._fail(slot, "not enough memory to load the model; stop another model or free memory")
+        except GpuOutOfMemory as exc:
+            self._fail(slot, f"not enough GPU memory to load the model ({exc}); stop another model")
         except PackageError as exc:
             self._fail(slot, str(exc))
         except Exception as exc:
@@ -254,9 +264,14 @@ class ModelRegistry:
         else:
             with slot.cond:
                 if slot.status != STARTING:  # removed from disk while loading
+                    _close(model)
                     return
                 slot.model, slot.loaded_package = model, package
-                slot.status, slot.status_message = RUNNING, "model is running"
+                note = getattr(model, "status_note", "")
+                slot.status, slot.status_message = (
+                    RUNNING,
+                    "model is running" + (f"; warning: {note}" if note else ""),
+                )
             log.info("model %s is RUNNING", slot.name)
 
     @staticmethod
@@ -276,6 +291,7 @@ class ModelRegistry:
                 )
             slot.status, slot.status_message = STOPPING, "waiting for in-flight calls"
             slot.cond.wait_for(lambda: slot.in_flight == 0)
+            _close(slot.model)  # releases the backend's memory, GPU memory included
             slot.model, slot.loaded_package = None, None
             slot.status, slot.status_message = STOPPED, "model is stopped"
         log.info("model %s is STOPPED", name)
@@ -305,6 +321,12 @@ class ModelRegistry:
             with slot.cond:
                 slot.in_flight -= 1
                 slot.cond.notify_all()
+
+
+def _close(model: LoadedModel | None) -> None:
+    close = getattr(model, "close", None)
+    if close is not None:
+        close()
 
 
 def _memory_in_use(slot: ModelSlot) -> int:

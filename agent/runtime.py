@@ -8,6 +8,7 @@ in 0..1), optionally `confidence`, and for segmentation models `label_map` ([H, 
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import numpy as np
@@ -29,15 +30,28 @@ class Inference:
 
 
 class OnnxModel:
-    """A loaded model graph; `run` is safe to call from several threads at once."""
+    """A loaded model graph; `run` is safe to call from several threads at once.
 
-    def __init__(self, package: ModelPackage, intra_op_threads: int = 0) -> None:
+    `providers` are ONNX Runtime execution providers in order of preference (agent/backends.py
+    passes the CUDA and TensorRT ones); the default is the CPU.
+    """
+
+    name = "cpu"
+    status_note = ""
+
+    def __init__(
+        self,
+        package: ModelPackage,
+        intra_op_threads: int = 0,
+        providers: Sequence[str | tuple[str, dict[str, str]]] = ("CPUExecutionProvider",),
+    ) -> None:
         options = ort.SessionOptions()
         options.intra_op_num_threads = intra_op_threads
         options.log_severity_level = 3
+        self._model_bytes = package.model_file.size
         try:
             self._session = ort.InferenceSession(
-                str(package.model_file.path), sess_options=options, providers=["CPUExecutionProvider"]
+                str(package.model_file.path), sess_options=options, providers=list(providers)
             )
         except Exception as exc:  # onnxruntime raises several unrelated exception types
             raise PackageError(f"{package.model_file.path} cannot be loaded by ONNX Runtime: {exc}") from None
@@ -77,3 +91,22 @@ class OnnxModel:
             confidence=None if confidence is None else float(np.asarray(confidence).reshape(-1)[0]),
             label_map=None if label_map is None else np.asarray(label_map).reshape(image.shape[:2]),
         )
+
+    # -- the backend interface (agent/backends.py) -----------------------------------------------
+
+    @property
+    def providers(self) -> list[str]:
+        """The execution providers the session actually got (ONNX Runtime drops unusable ones)."""
+        return list(self._session.get_providers())
+
+    def run_batch(self, images: Sequence[np.ndarray]) -> list[Inference]:
+        """The graph takes one image (the package contract), so a batch is a sequence of runs."""
+        return [self.run(image) for image in images]
+
+    def memory_bytes(self) -> int:
+        """Weights as loaded; ONNX Runtime does not report its arena, so this is a lower bound."""
+        return self._model_bytes
+
+    def close(self) -> None:
+        """Release the session (and with a GPU provider, its device memory)."""
+        self._session = None

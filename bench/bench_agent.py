@@ -4,7 +4,10 @@ Absolute timings on a shared 2-core machine are noisy, so every figure that has 
 a ratio measured side by side: each iteration runs in-process `session.run`, then the
 agent over `byte_data`, then the agent over shared memory, on the same image.
 
-    python bench/bench_agent.py [--quick] [--package DIR] [--json OUT]
+    python bench/bench_agent.py [--quick] [--backend auto|cpu|cuda|tensorrt] [--json OUT]
+
+`--backend` is the agent's `accelerator` setting (docs/accelerators.md); the in-process baseline
+uses the matching ONNX Runtime providers (the CPU for `cpu`, and wherever the GPU ones are absent).
 """
 
 from __future__ import annotations
@@ -82,11 +85,12 @@ def rss_mb(pid: int) -> float:
 
 
 class Agent:
-    def __init__(self, models_dir: Path, socket_dir: Path) -> None:
+    def __init__(self, models_dir: Path, socket_dir: Path, backend: str = "auto") -> None:
         self.address = f"unix://{socket_dir}/bench.sock"
         self.process = subprocess.Popen(
             [sys.executable, "-m", "lookout_edge.cli", "agent", "--socket", self.address,
-             "--models-dir", str(models_dir), "--log-level", "WARNING"],
+             "--models-dir", str(models_dir), "--log-level", "WARNING", "--accelerator", backend,
+             "--engine-cache-dir", str(socket_dir / "engines")],
         )  # fmt: skip
         self.channel = grpc.insecure_channel(
             self.address,
@@ -105,6 +109,10 @@ class Agent:
                 if time.monotonic() > deadline:
                     raise
                 time.sleep(0.05)
+
+    def status_message(self, name: str) -> str:
+        request = pb2.DescribeModelRequest(model_component=name)
+        return str(self.stub.DescribeModel(request).model_description.status_message)
 
     def start_model(self, name: str) -> float:
         """Seconds from StartModel to RUNNING."""
@@ -141,11 +149,20 @@ def timed(call: Callable[[], object]) -> float:
     return time.perf_counter() - began
 
 
+def baseline_providers(backend: str) -> list[str]:
+    """In-process ONNX Runtime providers comparable to the agent's backend."""
+    wanted = {"cuda": ["CUDAExecutionProvider"], "tensorrt": ["TensorrtExecutionProvider"]}.get(backend, [])
+    if backend == "auto":
+        wanted = ["TensorrtExecutionProvider", "CUDAExecutionProvider"]
+    available = ort.get_available_providers()
+    return [provider for provider in wanted if provider in available] + ["CPUExecutionProvider"]
+
+
 def latency_side_by_side(
-    agent: Agent, package_dir: Path, name: str, width: int, height: int, iterations: int
+    agent: Agent, package_dir: Path, name: str, width: int, height: int, iterations: int, backend: str
 ) -> dict:
     package = read_package(package_dir)
-    session = ort.InferenceSession(str(package.model_file.path), providers=["CPUExecutionProvider"])
+    session = ort.InferenceSession(str(package.model_file.path), providers=baseline_providers(backend))
     image = np.random.default_rng(0).integers(0, 256, size=(height, width, 3), dtype=np.uint8)
     size = image.nbytes
     bytes_request = pb2.DetectAnomaliesRequest(
@@ -222,16 +239,27 @@ def main() -> int:
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
     parser.add_argument("--quick", action="store_true", help="fewer iterations (a smoke run)")
+    parser.add_argument(
+        "--backend",
+        choices=("auto", "cpu", "cuda", "tensorrt"),
+        default="cpu",
+        help="the agent's accelerator setting (default cpu)",
+    )
     parser.add_argument("--json", type=Path, default=ROOT / "build" / "bench" / "agent.json")
     args = parser.parse_args()
     scale = 0.2 if args.quick else 1.0
     work = Path(tempfile.mkdtemp(prefix="le-bench-", dir="/tmp"))
-    results: dict = {"machine": f"{os.cpu_count()} cores, {sys.platform}", "onnxruntime": ort.__version__}
+    results: dict = {
+        "machine": f"{os.cpu_count()} cores, {sys.platform}",
+        "onnxruntime": ort.__version__,
+        "backend": args.backend,
+        "baseline_providers": baseline_providers(args.backend),
+    }
     try:
         models_dir = work / "models"
         print("building bench models (the trainer's graph, 3,000-patch bank)...", flush=True)
         names = write_bench_packages(models_dir)
-        agent = Agent(models_dir, work)
+        agent = Agent(models_dir, work, args.backend)
         try:
             results["rss_idle_mb"] = rss_mb(agent.process.pid)
             starts = []
@@ -242,8 +270,11 @@ def main() -> int:
             results["latency"] = []
             for (width, height), name in names.items():
                 agent.start_model(name)
+                results.setdefault("status_messages", {})[name] = agent.status_message(name)
                 iterations = max(5, int({640: 200, 1920: 100, 4096: 20}[width] * scale))
-                row = latency_side_by_side(agent, models_dir / name, name, width, height, iterations)
+                row = latency_side_by_side(
+                    agent, models_dir / name, name, width, height, iterations, args.backend
+                )
                 results["latency"].append(row)
                 print(
                     f"{row['resolution']:>10}: in-process p50 {row['in_process_p50_ms']:.1f} ms; "

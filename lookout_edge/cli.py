@@ -40,6 +40,10 @@ def _add_agent_parser(commands: argparse._SubParsersAction) -> None:
     parser.add_argument("--tls-cert", type=Path, help="server certificate (PEM) for --tcp-address")
     parser.add_argument("--tls-key", type=Path, help="server private key (PEM) for --tcp-address")
     parser.add_argument("--tls-client-ca", type=Path, help="require client certificates signed by this CA")
+    # Accelerators (docs/accelerators.md).
+    parser.add_argument("--accelerator", help="auto (default), cpu, cuda or tensorrt")
+    parser.add_argument("--engine-cache-dir", type=Path, help="where built TensorRT engines are cached")
+    parser.add_argument("--tensorrt-precision", help="auto (FP16 where fast, default), fp16 or fp32")
 
 
 def _add_client_parsers(commands: argparse._SubParsersAction) -> None:
