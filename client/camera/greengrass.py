@@ -10,6 +10,8 @@ from typing import Any
 
 from .sinks import Transport
 
+QOS_VALUES = {"AT_MOST_ONCE": "0", "AT_LEAST_ONCE": "1"}  # awsiot.greengrasscoreipc.model.QOS
+
 
 class GreengrassTransport(Transport):
     """Settings: topic (local, a template with {camera} and {model}), iot_core_topic (same),
@@ -20,7 +22,10 @@ class GreengrassTransport(Transport):
     def __init__(self, settings: dict[str, Any]) -> None:
         self._topic: str | None = settings.get("topic")
         self._iot_core_topic: str | None = settings.get("iot_core_topic")
-        self._qos = str(settings.get("qos", "AT_LEAST_ONCE"))
+        qos = str(settings.get("qos", "AT_LEAST_ONCE"))
+        if qos not in QOS_VALUES:
+            raise ValueError(f"qos: one of {', '.join(QOS_VALUES)}, got {qos!r}")
+        self._qos = QOS_VALUES[qos]
         self._timeout = float(settings.get("timeout", 10.0))
         self._client: Any = None
         self._local_done: bytes | None = None  # retried after an IoT Core failure: not published twice
