@@ -207,8 +207,11 @@ def _sink(raw: Any, index: int, state_dir: Path) -> SinkConfig:
         return SinkConfig(kind, data, None)
     if kind == "mqtt" and not isinstance(data.get("host"), str):
         raise ConfigError(f"{where}.host: required (the MQTT broker's host name)")
-    if kind == "greengrass" and not (data.get("topic") or data.get("iot_core_topic")):
-        raise ConfigError(f"{where}: give topic (local publish/subscribe), iot_core_topic, or both")
+    if kind == "greengrass":
+        if not (data.get("topic") or data.get("iot_core_topic")):
+            raise ConfigError(f"{where}: give topic (local publish/subscribe), iot_core_topic, or both")
+        if data.get("qos", "AT_LEAST_ONCE") not in ("AT_MOST_ONCE", "AT_LEAST_ONCE"):
+            raise ConfigError(f"{where}.qos: AT_MOST_ONCE or AT_LEAST_ONCE, got {data['qos']!r}")
     spool = Path(spool_dir) if spool_dir else state_dir / "spool" / f"{index}-{kind}"
     return SinkConfig(kind, data, spool, spool_max)
 

@@ -119,7 +119,8 @@ def jpeg(pixels: np.ndarray) -> bytes:
 class MjpegServer:
     """multipart/x-mixed-replace JPEG frames at 10 frames/s, as IP cameras serve them over HTTP."""
 
-    def __init__(self, frame: np.ndarray) -> None:
+    def __init__(self, frame: np.ndarray, frames_per_connection: int | None = None) -> None:
+        """With `frames_per_connection`, each connection is closed after that many frames (a drop)."""
         payload = jpeg(frame)
         stop = self._stop = threading.Event()
 
@@ -129,7 +130,9 @@ class MjpegServer:
                 self.send_header("Content-Type", "multipart/x-mixed-replace; boundary=frame")
                 self.end_headers()
                 try:
-                    while not stop.is_set():
+                    sent = 0
+                    while not stop.is_set() and sent != frames_per_connection:
+                        sent += 1
                         head = b"--frame\r\nContent-Type: image/jpeg\r\nContent-Length: %d\r\n\r\n" % len(
                             payload
                         )
