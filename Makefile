@@ -46,6 +46,7 @@ demo: setup
 
 bench: setup
 	$(PY) bench/bench_agent.py $(BENCH_ARGS)
+	$(PY) bench/bench_camera.py
 
 clean:
 	rm -rf $(VENV) build *.egg-info .pytest_cache .mypy_cache .ruff_cache
