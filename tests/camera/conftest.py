@@ -219,7 +219,11 @@ def camera_daemon(tmp_path: Path) -> Iterator[Callable[[dict[str, Any]], CameraD
         return daemon
 
     yield start
-    for daemon in daemons:
+    for daemon in daemons:  # SIGTERM, so that the daemon unlinks its segments
         if daemon.process is not None and daemon.process.poll() is None:
-            daemon.process.kill()
-            daemon.process.wait()
+            daemon.process.terminate()
+            try:
+                daemon.process.wait(30)
+            except subprocess.TimeoutExpired:
+                daemon.process.kill()
+                daemon.process.wait()
