@@ -6,7 +6,11 @@ PY := $(BIN)/python
 
 STAMP := $(VENV)/.installed
 
-.PHONY: setup proto lint test demo bench clean
+# Debian packages the camera tests run: a GStreamer RTSP server and the mosquitto broker.
+SYSTEM_PACKAGES := gir1.2-gst-rtsp-server-1.0 gstreamer1.0-plugins-base gstreamer1.0-plugins-good \
+	gstreamer1.0-plugins-ugly python3-gi mosquitto
+
+.PHONY: setup system-packages proto lint test demo bench clean
 
 # Reinstall only when the project's dependencies change.
 $(STAMP): pyproject.toml
@@ -15,7 +19,16 @@ $(STAMP): pyproject.toml
 	$(PY) -m pip install --quiet -e '.[dev]'
 	touch $(STAMP)
 
-setup: $(STAMP)
+setup: $(STAMP) system-packages
+
+# Installs only what is missing, and only where apt-get exists.
+system-packages:
+	@command -v apt-get >/dev/null || exit 0; \
+	missing=$$(for p in $(SYSTEM_PACKAGES); do \
+		dpkg-query -W -f='$${Status}' $$p 2>/dev/null | grep -q 'ok installed' || echo $$p; done); \
+	[ -z "$$missing" ] || { [ "$$(id -u)" = 0 ] || sudo=sudo; \
+		$$sudo apt-get update -qq && \
+		DEBIAN_FRONTEND=noninteractive $$sudo apt-get install -y -qq --no-install-recommends $$missing; }
 
 proto: setup
 	$(PY) proto/generate.py
@@ -34,6 +47,7 @@ demo: setup
 bench: setup
 	$(PY) bench/bench_agent.py $(BENCH_ARGS)
 	$(PY) bench/bench_trainer.py
+	$(PY) bench/bench_camera.py
 
 clean:
 	rm -rf $(VENV) build *.egg-info .pytest_cache .mypy_cache .ruff_cache

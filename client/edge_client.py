@@ -82,7 +82,13 @@ def _state(description: Any) -> ModelState:
 class EdgeAgentClient:
     """Talks to the agent over its socket. Not thread-safe when `shared_memory=True` is used."""
 
-    def __init__(self, socket: str = DEFAULT_SOCKET, timeout: float | None = 30.0) -> None:
+    def __init__(
+        self,
+        socket: str = DEFAULT_SOCKET,
+        timeout: float | None = 30.0,
+        shm_prefix: str = "lookout_edge_client",
+        shm_mode: int = 0o660,
+    ) -> None:
         self._channel = grpc.insecure_channel(
             socket,
             options=[
@@ -93,6 +99,8 @@ class EdgeAgentClient:
         self._stub = pb2_grpc.EdgeAgentStub(self._channel)
         self._timeout = timeout
         self._segment: OwnedSegment | None = None
+        self._shm_prefix = shm_prefix
+        self._shm_mode = shm_mode
 
     def _call(self, method: str, request: Any) -> Any:
         try:
@@ -153,11 +161,16 @@ class EdgeAgentClient:
         result = self._call("DetectAnomalies", request).detect_anomaly_result
         return self._detection(result, segment)
 
+    @property
+    def segment_name(self) -> str | None:
+        """The shared-memory segment this client owns and reuses, once `detect` has created it."""
+        return None if self._segment is None else self._segment.name
+
     def _segment_for(self, size: int) -> OwnedSegment:
         if self._segment is None or self._segment.size < size:
             if self._segment is not None:
                 self._segment.close()
-            self._segment = OwnedSegment.create(size, prefix="lookout_edge_client")
+            self._segment = OwnedSegment.create(size, prefix=self._shm_prefix, mode=self._shm_mode)
         return self._segment
 
     @staticmethod

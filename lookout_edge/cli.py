@@ -122,6 +122,29 @@ def _run_evaluate(args: argparse.Namespace) -> int:
     return 0
 
 
+def _add_camera_parser(commands: argparse._SubParsersAction) -> None:
+    camera = commands.add_parser("camera", help="run the camera daemon (cameras → agent → events)")
+    camera.add_argument("--config", type=Path, required=True, help="YAML file (see docs/camera.md)")
+    camera.add_argument("--log-level", default="INFO", help="DEBUG, INFO, WARNING or ERROR")
+
+
+def _run_camera(args: argparse.Namespace) -> int:
+    from client.camera.config import ConfigError, load_config
+    from client.camera.daemon import CameraDaemon
+
+    try:
+        config = load_config(args.config)
+    except ConfigError as exc:
+        print(f"lookout-edge camera: {exc}", file=sys.stderr)
+        return 2
+    logging.basicConfig(
+        level=args.log_level.upper(),
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+        stream=sys.stderr,
+    )
+    return CameraDaemon(config).run_until_signalled()
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="lookout-edge", description=__doc__)
     parser.add_argument("--version", action="version", version=f"lookout-edge {__version__}")
@@ -129,6 +152,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_agent_parser(commands)
     _add_client_parsers(commands)
     _add_trainer_parsers(commands)
+    _add_camera_parser(commands)
     return parser
 
 
@@ -223,6 +247,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     if args.command == "agent":
         return _run_agent(args)
+    if args.command == "camera":
+        return _run_camera(args)
     if args.command in ("train", "evaluate"):
         logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
         try:

@@ -1,0 +1,1 @@
+"""`lookout-edge camera`: IP cameras → shared memory → DetectAnomalies → events (docs/camera.md)."""

@@ -1,0 +1,292 @@
+"""The camera daemon's YAML configuration, checked up front: every error names the key at fault.
+
+Every key is documented in docs/camera.md.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from lookout_edge import DEFAULT_SOCKET
+
+SINK_TYPES = ("jsonl", "mqtt", "greengrass")
+_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
+
+
+class ConfigError(ValueError):
+    """A configuration that cannot be used; the message names the key and what is wrong."""
+
+
+@dataclass(frozen=True)
+class Crop:
+    x: int
+    y: int
+    width: int
+    height: int
+
+
+@dataclass(frozen=True)
+class CameraConfig:
+    name: str
+    source: str
+    model: str
+    max_fps: float | None = None  # inferences per second; None: as fast as the agent answers
+    crop: Crop | None = None
+    width: int | None = None  # the model's training size; None: from agent.models_dir or as decoded
+    height: int | None = None
+    open_timeout: float = 10.0
+    read_timeout: float = 5.0
+    reconnect_initial: float = 0.5
+    reconnect_max: float = 30.0
+    loop: bool = False  # video files: start again at the end
+    poll_interval: float = 0.5  # folders: how often to look for new images
+    options: dict[str, str] = field(default_factory=dict)  # demuxer options passed to FFmpeg
+
+    @property
+    def kind(self) -> str:
+        """`live` (RTSP, HTTP, V4L2), `file` or `folder`."""
+        if self.source.startswith(("rtsp://", "rtsps://", "http://", "https://", "/dev/video")):
+            return "live"
+        return "folder" if Path(self.source).is_dir() else "file"
+
+
+@dataclass(frozen=True)
+class ImagesConfig:
+    """Anomalous frames saved with their mask overlaid, kept under all three limits."""
+
+    directory: Path | None = None
+    max_count: int = 1000
+    max_bytes: int = 1 << 30
+    max_age_s: float = 7 * 86400.0
+
+
+@dataclass(frozen=True)
+class SinkConfig:
+    type: str
+    settings: dict[str, Any]
+    spool_dir: Path | None
+    spool_max_events: int = 100_000
+
+
+@dataclass(frozen=True)
+class DaemonConfig:
+    agent_socket: str
+    models_dir: Path | None
+    cameras: list[CameraConfig]
+    sinks: list[SinkConfig]
+    images: ImagesConfig
+    state_dir: Path
+    status_file: Path | None
+    status_interval: float = 10.0
+    shm_mode: int = 0o660
+    agent_timeout: float = 10.0
+    start_models: bool = True
+
+
+def _mapping(value: Any, key: str) -> dict[str, Any]:
+    if value is None:
+        return {}
+    if not isinstance(value, dict):
+        raise ConfigError(f"{key}: expected a mapping, got {type(value).__name__}")
+    return value
+
+
+def _take(data: dict[str, Any], key: str, where: str, kinds: type | tuple[type, ...], default: Any) -> Any:
+    value = data.pop(key, default)
+    if value is default:
+        return value
+    if isinstance(value, bool) and kinds in (int, float, (int, float)):
+        raise ConfigError(f"{where}.{key}: expected a number, got {value!r}")
+    if not isinstance(value, kinds):
+        names = kinds.__name__ if isinstance(kinds, type) else " or ".join(k.__name__ for k in kinds)
+        raise ConfigError(f"{where}.{key}: expected {names}, got {value!r}")
+    return value
+
+
+def _positive(value: float | None, key: str) -> None:
+    if value is not None and value <= 0:
+        raise ConfigError(f"{key}: must be greater than 0, got {value}")
+
+
+def _no_extra(data: dict[str, Any], where: str) -> None:
+    if data:
+        raise ConfigError(f"{where}: unknown key(s) {', '.join(sorted(map(str, data)))}")
+
+
+def _camera(raw: Any, index: int, models_dir: Path | None) -> CameraConfig:
+    where = f"cameras[{index}]"
+    data = dict(_mapping(raw, where))
+    name = _take(data, "name", where, str, None)
+    if name is None or not _NAME.match(name):
+        raise ConfigError(
+            f"{where}.name: required; letters, digits, '_', '.', '-' (64 at most), got {name!r}"
+        )
+    where = f"cameras[{index}] ({name})"
+    source = _take(data, "source", where, str, None)
+    model = _take(data, "model", where, str, None)
+    for key, value in (("source", source), ("model", model)):
+        if not value:
+            raise ConfigError(f"{where}.{key}: required")
+    max_fps = _take(data, "max_fps", where, (int, float), None)
+    interval = _take(data, "interval", where, (int, float), None)
+    if max_fps is not None and interval is not None:
+        raise ConfigError(f"{where}: give max_fps or interval, not both")
+    _positive(max_fps, f"{where}.max_fps")
+    _positive(interval, f"{where}.interval")
+    if interval is not None:
+        max_fps = 1.0 / interval
+    crop = None
+    crop_raw = _take(data, "crop", where, dict, None)
+    if crop_raw is not None:
+        crop_data = dict(crop_raw)
+        values = [_take(crop_data, k, f"{where}.crop", int, None) for k in ("x", "y", "width", "height")]
+        _no_extra(crop_data, f"{where}.crop")
+        if any(v is None for v in values) or values[0] < 0 or values[1] < 0 or values[2] < 1 or values[3] < 1:
+            raise ConfigError(f"{where}.crop: needs x, y >= 0 and width, height >= 1, got {crop_raw}")
+        crop = Crop(*values)
+    width = _take(data, "width", where, int, None)
+    height = _take(data, "height", where, int, None)
+    if (width is None) != (height is None):
+        raise ConfigError(f"{where}: give both width and height, or neither")
+    if width is None and models_dir is not None:
+        width, height = _model_size(models_dir, model, where)
+    timings = {}
+    for key in ("open_timeout", "read_timeout", "reconnect_initial", "reconnect_max", "poll_interval"):
+        value = _take(data, key, where, (int, float), None)
+        _positive(value, f"{where}.{key}")
+        if value is not None:
+            timings[key] = float(value)
+    loop = _take(data, "loop", where, bool, False)
+    options = _take(data, "options", where, dict, {})
+    _no_extra(data, where)
+    camera = CameraConfig(
+        name, source, model, max_fps, crop, width, height, loop=loop, options=dict(options), **timings
+    )
+    if camera.kind == "file" and not Path(source).is_file():
+        raise ConfigError(f"{where}.source: {source} is not a stream URL, a device, a file or a directory")
+    return camera
+
+
+def _model_size(models_dir: Path, model: str, where: str) -> tuple[int, int]:
+    """The training size from the model package the agent serves (it is not in DescribeModel)."""
+    from lookout_edge.package import PackageError, read_package
+
+    if models_dir.is_dir():
+        for directory in sorted(models_dir.iterdir()):
+            if directory.name.startswith(".") or not directory.is_dir():
+                continue
+            try:
+                package = read_package(directory)
+            except PackageError:
+                continue
+            if package.component_name == model:
+                return package.width, package.height
+    raise ConfigError(
+        f"{where}.model: no package for {model!r} under agent.models_dir {models_dir}; "
+        "give the camera's width and height instead"
+    )
+
+
+def _sink(raw: Any, index: int, state_dir: Path) -> SinkConfig:
+    where = f"sinks[{index}]"
+    data = dict(_mapping(raw, where))
+    kind = _take(data, "type", where, str, None)
+    if kind not in SINK_TYPES:
+        raise ConfigError(f"{where}.type: one of {', '.join(SINK_TYPES)}, got {kind!r}")
+    spool_dir = _take(data, "spool_dir", where, str, None)
+    spool_max = _take(data, "spool_max_events", where, int, 100_000)
+    _positive(spool_max, f"{where}.spool_max_events")
+    if kind == "jsonl":
+        if not isinstance(data.get("path"), str):
+            raise ConfigError(f"{where}.path: required (the JSONL file to write)")
+        return SinkConfig(kind, data, None)
+    if kind == "mqtt" and not isinstance(data.get("host"), str):
+        raise ConfigError(f"{where}.host: required (the MQTT broker's host name)")
+    if kind == "greengrass":
+        if not (data.get("topic") or data.get("iot_core_topic")):
+            raise ConfigError(f"{where}: give topic (local publish/subscribe), iot_core_topic, or both")
+        if data.get("qos", "AT_LEAST_ONCE") not in ("AT_MOST_ONCE", "AT_LEAST_ONCE"):
+            raise ConfigError(f"{where}.qos: AT_MOST_ONCE or AT_LEAST_ONCE, got {data['qos']!r}")
+    spool = Path(spool_dir) if spool_dir else state_dir / "spool" / f"{index}-{kind}"
+    return SinkConfig(kind, data, spool, spool_max)
+
+
+def parse_config(raw: Any) -> DaemonConfig:
+    data = dict(_mapping(raw, "configuration"))
+    agent = dict(_mapping(data.pop("agent", None), "agent"))
+    socket = _take(agent, "socket", "agent", str, DEFAULT_SOCKET)
+    models_dir_raw = _take(agent, "models_dir", "agent", str, None)
+    agent_timeout = _take(agent, "timeout", "agent", (int, float), 10.0)
+    _positive(agent_timeout, "agent.timeout")
+    start_models = _take(agent, "start_models", "agent", bool, True)
+    shm_mode_raw = _take(agent, "shm_mode", "agent", (str, int), "0660")
+    _no_extra(agent, "agent")
+    try:
+        shm_mode = int(shm_mode_raw, 8) if isinstance(shm_mode_raw, str) else shm_mode_raw
+    except ValueError:
+        raise ConfigError(f"agent.shm_mode: an octal mode such as '0660', got {shm_mode_raw!r}") from None
+    if not 0 <= shm_mode <= 0o777 or not shm_mode & 0o600 == 0o600:
+        raise ConfigError(
+            f"agent.shm_mode: must let the owner read and write (e.g. '0660'), got {shm_mode_raw!r}"
+        )
+    models_dir = Path(models_dir_raw) if models_dir_raw else None
+    state_dir = Path(_take(data, "state_dir", "configuration", str, "/var/lib/lookout-edge/camera"))
+
+    cameras_raw = data.pop("cameras", None)
+    if not isinstance(cameras_raw, list) or not cameras_raw:
+        raise ConfigError("cameras: required, a list of at least one camera")
+    cameras = [_camera(raw, i, models_dir) for i, raw in enumerate(cameras_raw)]
+    names = [c.name for c in cameras]
+    for name in names:
+        if names.count(name) > 1:
+            raise ConfigError(f"cameras: the name {name!r} is used twice")
+
+    sinks_raw = data.pop("sinks", None)
+    if not isinstance(sinks_raw, list) or not sinks_raw:
+        raise ConfigError("sinks: required, a list of at least one sink")
+    sinks = [_sink(raw, i, state_dir) for i, raw in enumerate(sinks_raw)]
+
+    images_data = dict(_mapping(data.pop("images", None), "images"))
+    images_dir = _take(images_data, "directory", "images", str, None)
+    images = ImagesConfig(
+        Path(images_dir) if images_dir else None,
+        _take(images_data, "max_count", "images", int, 1000),
+        _take(images_data, "max_bytes", "images", int, 1 << 30),
+        float(_take(images_data, "max_age_days", "images", (int, float), 7.0)) * 86400.0,
+    )
+    _no_extra(images_data, "images")
+
+    status = dict(_mapping(data.pop("status", None), "status"))
+    status_file = _take(status, "file", "status", str, None)
+    status_interval = _take(status, "interval", "status", (int, float), 10.0)
+    _positive(status_interval, "status.interval")
+    _no_extra(status, "status")
+    _no_extra(data, "configuration")
+    return DaemonConfig(
+        agent_socket=socket,
+        models_dir=models_dir,
+        cameras=cameras,
+        sinks=sinks,
+        images=images,
+        state_dir=state_dir,
+        status_file=Path(status_file) if status_file else state_dir / "status.json",
+        status_interval=float(status_interval),
+        shm_mode=shm_mode,
+        agent_timeout=float(agent_timeout),
+        start_models=start_models,
+    )
+
+
+def load_config(path: Path) -> DaemonConfig:
+    try:
+        raw = yaml.safe_load(path.read_text())
+    except OSError as exc:
+        raise ConfigError(f"cannot read {path}: {exc.strerror}") from None
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"{path} is not valid YAML: {exc}") from None
+    return parse_config(raw)

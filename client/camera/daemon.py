@@ -1,0 +1,243 @@
+"""The camera daemon: one worker thread per camera, frames → shared memory → DetectAnomalies → sinks."""
+
+from __future__ import annotations
+
+import contextlib
+import datetime
+import logging
+import os
+import signal
+import threading
+import time
+import uuid
+from pathlib import Path
+from typing import Any
+
+import grpc
+
+from client.edge_client import Detection, EdgeAgentClient, EdgeAgentError
+from lookout_edge.shm import SHM_DIR
+
+from .config import CameraConfig, DaemonConfig
+from .images import ImageStore
+from .sinks import Sink, build_sink
+from .sources import Frame, FrameSource, open_source, to_model_input
+from .status import CameraStats, StatusReporter
+
+log = logging.getLogger(__name__)
+
+SHM_PREFIX = "lookout_edge_camera"
+AGENT_RETRY_MAX_S = 10.0
+
+
+def segment_prefix(camera: str) -> str:
+    return f"{SHM_PREFIX}_{camera}"
+
+
+def remove_stale_segments() -> list[str]:
+    """Unlink this daemon's segments left by a process that no longer exists (after SIGKILL).
+
+    Names are `lookout_edge_camera_<camera>_<pid>_<token>` (see OwnedSegment.create).
+    """
+    removed = []
+    for path in SHM_DIR.glob(f"{SHM_PREFIX}_*"):
+        parts = path.name.rsplit("_", 2)
+        if len(parts) != 3 or not parts[1].isdigit():
+            continue
+        pid = int(parts[1])
+        if pid == os.getpid() or Path(f"/proc/{pid}").exists():
+            continue
+        with contextlib.suppress(FileNotFoundError):
+            path.unlink()
+            removed.append(path.name)
+    return removed
+
+
+def make_event(
+    camera: CameraConfig, frame: Frame, detection: Detection, detect_ms: float, image: Path | None
+) -> dict[str, Any]:
+    now = time.monotonic()
+    return {
+        "event_id": uuid.uuid4().hex,
+        "camera": camera.name,
+        "model": camera.model,
+        "time": datetime.datetime.fromtimestamp(frame.captured, datetime.timezone.utc).isoformat(
+            timespec="milliseconds"
+        ),
+        "frame_id": frame.frame_id,
+        "source_file": frame.origin,
+        "is_anomalous": detection.is_anomalous,
+        "confidence": round(detection.confidence, 6),
+        "anomaly_score": round(detection.anomaly_score, 6),
+        "threshold": round(detection.anomaly_threshold, 6),
+        "anomalies": [
+            {"name": a.name, "area": round(a.area, 6), "color": a.hex_color} for a in detection.anomalies
+        ],
+        "latency_ms": {
+            "detect": round(detect_ms, 2),
+            "capture_to_result": round((now - frame.captured_monotonic) * 1000, 2),
+        },
+        "image": str(image) if image is not None else None,
+    }
+
+
+class CameraWorker:
+    def __init__(
+        self, camera: CameraConfig, config: DaemonConfig, sinks: list[Sink], images: ImageStore | None
+    ) -> None:
+        self.camera = camera
+        self.stats = CameraStats(camera.name)
+        self._config = config
+        self._sinks = sinks
+        self._images = images
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, name=f"camera-{camera.name}", daemon=True)
+
+    def start(self) -> None:
+        self._thread.start()
+
+    def _run(self) -> None:
+        client = EdgeAgentClient(
+            self._config.agent_socket,
+            timeout=self._config.agent_timeout,
+            shm_prefix=segment_prefix(self.camera.name),
+            shm_mode=self._config.shm_mode,
+        )
+        source: FrameSource | None = None
+        try:
+            source = open_source(self.camera, self.stats)
+            if self.camera.kind != "live":
+                self.stats.set_connected(True)
+            self._loop(client, source)
+        except Exception:  # the other cameras carry on; this one says why it stopped
+            log.exception("camera %s stopped", self.camera.name)
+            self.stats.error("worker stopped, see the log")
+        finally:
+            if source is not None:
+                source.close()
+            client.close()
+
+    def _loop(self, client: EdgeAgentClient, source: FrameSource) -> None:
+        camera = self.camera
+        size = (camera.width, camera.height) if camera.width and camera.height else None
+        period = 1.0 / camera.max_fps if camera.max_fps else 0.0
+        next_slot = time.monotonic()
+        agent_delay = 0.5
+        model_ready = not self._config.start_models
+        while not self._stop.is_set():
+            if not model_ready:
+                try:
+                    client.start_and_wait(camera.model, timeout=60.0)
+                    model_ready = True
+                except (EdgeAgentError, TimeoutError) as exc:
+                    self.stats.error(f"model {camera.model}: {exc}")
+                    log.warning("camera %s: model %s not running: %s", camera.name, camera.model, exc)
+                    self._stop.wait(agent_delay)
+                    agent_delay = min(agent_delay * 2, AGENT_RETRY_MAX_S)
+                    continue
+            # Latest-frame semantics: wait for the slot first, then take the newest frame.
+            if period and self._stop.wait(max(0.0, next_slot - time.monotonic())):
+                return
+            try:
+                frame = source.next_frame(timeout=1.0)
+            except Exception as exc:  # a file that cannot be decoded
+                self.stats.error(f"{camera.source}: {exc}")
+                log.error("camera %s: %s", camera.name, exc)
+                return
+            if frame is None:
+                if source.finished:
+                    log.info("camera %s: end of %s", camera.name, camera.source)
+                    self.stats.set_connected(False)
+                    return
+                continue
+            next_slot = max(next_slot + period, time.monotonic()) if period else 0.0
+            try:
+                pixels = to_model_input(frame.raw, camera.crop, size)
+                started = time.monotonic()
+                detection = client.detect(pixels, camera.model, shared_memory=True)
+                detect_ms = (time.monotonic() - started) * 1000
+            except EdgeAgentError as exc:
+                self.stats.error(str(exc))
+                log.warning("camera %s: DetectAnomalies failed: %s", camera.name, exc)
+                if exc.code in (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED):
+                    self._stop.wait(agent_delay)
+                    agent_delay = min(agent_delay * 2, AGENT_RETRY_MAX_S)
+                elif exc.code == grpc.StatusCode.FAILED_PRECONDITION and self._config.start_models:
+                    model_ready = False
+                continue
+            except ValueError as exc:  # a crop that does not fit the frame
+                self.stats.error(str(exc))
+                continue
+            agent_delay = 0.5
+            self._publish(frame, pixels, detection, detect_ms)
+
+    def _publish(self, frame: Frame, pixels: Any, detection: Detection, detect_ms: float) -> None:
+        image = None
+        if detection.is_anomalous and self._images is not None:
+            try:
+                image = self._images.save(
+                    self.camera.name, frame.frame_id, frame.captured, pixels, detection.mask
+                )
+            except OSError as exc:
+                self.stats.error(f"cannot save an image: {exc}")
+        event = make_event(self.camera, frame, detection, detect_ms, image)
+        self.stats.inference(event["latency_ms"]["capture_to_result"], detection.is_anomalous)
+        for sink in self._sinks:
+            try:
+                sink.submit(event)
+            except Exception:  # one broken sink must not stop the camera or the others
+                log.exception("sink %s failed", sink.name)
+
+    def stop(self) -> None:
+        self._stop.set()
+
+    def join(self) -> None:
+        self._thread.join()
+
+
+class CameraDaemon:
+    def __init__(self, config: DaemonConfig) -> None:
+        self._config = config
+        removed = remove_stale_segments()
+        if removed:
+            log.info("removed %d stale shared-memory segment(s): %s", len(removed), ", ".join(removed))
+        self.sinks: list[Sink] = []
+        for index, sink_config in enumerate(config.sinks):
+            try:
+                self.sinks.append(build_sink(sink_config))
+            except (OSError, ValueError, ImportError) as exc:
+                log.error("sinks[%d] (%s) is disabled: %s", index, sink_config.type, exc)
+        images = ImageStore(config.images) if config.images.directory is not None else None
+        self.workers = [CameraWorker(camera, config, self.sinks, images) for camera in config.cameras]
+        self.reporter = StatusReporter(
+            config.status_file,
+            config.status_interval,
+            [worker.stats for worker in self.workers],
+            lambda: {sink.name: sink.stats() for sink in self.sinks},
+        )
+
+    def start(self) -> None:
+        for worker in self.workers:
+            worker.start()
+        self.reporter.start()
+        log.info("camera daemon running: %d camera(s), %d sink(s)", len(self.workers), len(self.sinks))
+
+    def stop(self) -> None:
+        for worker in self.workers:
+            worker.stop()
+        for worker in self.workers:
+            worker.join()
+        for sink in self.sinks:
+            sink.close()
+        self.reporter.stop()
+
+    def run_until_signalled(self) -> int:
+        stop = threading.Event()
+        for signum in (signal.SIGTERM, signal.SIGINT):
+            signal.signal(signum, lambda *_: stop.set())
+        self.start()
+        while not stop.wait(1.0):
+            pass
+        log.info("stopping")
+        self.stop()
+        return 0

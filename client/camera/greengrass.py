@@ -1,0 +1,54 @@
+"""Greengrass IPC through awsiotsdk's GreengrassCoreIPCClientV2: local publish/subscribe and IoT Core.
+
+The SDK finds the nucleus through AWS_GG_NUCLEUS_DOMAIN_SOCKET_FILEPATH_FOR_COMPONENT and
+authenticates with SVCUID, both set by the nucleus for the component it runs.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from .sinks import Transport
+
+QOS_VALUES = {"AT_MOST_ONCE": "0", "AT_LEAST_ONCE": "1"}  # awsiot.greengrasscoreipc.model.QOS
+
+
+class GreengrassTransport(Transport):
+    """Settings: topic (local, a template with {camera} and {model}), iot_core_topic (same),
+    qos (AT_MOST_ONCE or AT_LEAST_ONCE, for IoT Core), timeout."""
+
+    name = "greengrass"
+
+    def __init__(self, settings: dict[str, Any]) -> None:
+        self._topic: str | None = settings.get("topic")
+        self._iot_core_topic: str | None = settings.get("iot_core_topic")
+        qos = str(settings.get("qos", "AT_LEAST_ONCE"))
+        if qos not in QOS_VALUES:
+            raise ValueError(f"qos: one of {', '.join(QOS_VALUES)}, got {qos!r}")
+        self._qos = QOS_VALUES[qos]
+        self._timeout = float(settings.get("timeout", 10.0))
+        self._client: Any = None
+        self._local_done: bytes | None = None  # retried after an IoT Core failure: not published twice
+
+    def deliver(self, event: dict[str, Any], payload: bytes) -> None:
+        from awsiot.greengrasscoreipc.clientv2 import GreengrassCoreIPCClientV2
+        from awsiot.greengrasscoreipc.model import JsonMessage, PublishMessage
+
+        if self._client is None:
+            self._client = GreengrassCoreIPCClientV2()
+        names = {"camera": event.get("camera", ""), "model": event.get("model", "")}
+        if self._topic and payload != self._local_done:
+            self._client.publish_to_topic_async(
+                topic=self._topic.format(**names),
+                publish_message=PublishMessage(json_message=JsonMessage(message=event)),
+            ).result(self._timeout)
+            self._local_done = payload
+        if self._iot_core_topic:
+            self._client.publish_to_iot_core_async(
+                topic_name=self._iot_core_topic.format(**names), qos=self._qos, payload=payload
+            ).result(self._timeout)
+
+    def reset(self) -> None:
+        if self._client is not None:
+            client, self._client = self._client, None
+            client.close(executor_wait=False)

@@ -1,0 +1,144 @@
+"""The MQTT sink against a real mosquitto broker that goes down and comes back."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import socket
+import subprocess
+import threading
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import paho.mqtt.client as mqtt
+import pytest
+from PIL import Image
+
+from tests.camera.conftest import free_port, wait_for
+from tests.conftest import HEIGHT, make_image
+
+MOSQUITTO = "/usr/sbin/mosquitto"
+
+
+class Broker:
+    """mosquitto on a loopback port, persisting sessions to disk across restarts."""
+
+    def __init__(self, root: Path) -> None:
+        self.port = free_port()
+        root.mkdir()
+        self.config = root / "mosquitto.conf"
+        self.config.write_text(
+            f"listener {self.port} 127.0.0.1\nallow_anonymous true\n"
+            f"persistence true\npersistence_location {root}/\n"
+        )
+        self.process: subprocess.Popen[bytes] | None = None
+
+    def start(self) -> None:
+        self.process = subprocess.Popen(
+            [MOSQUITTO, "-c", str(self.config)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
+        )
+
+    def stop(self) -> None:
+        if self.process is not None and self.process.poll() is None:
+            self.process.terminate()  # writes the persistence file
+            self.process.wait(10)
+
+
+class Subscriber:
+    """A persistent QoS 1 session: the broker keeps what arrives while the subscriber is away."""
+
+    def __init__(self, port: int) -> None:
+        self.messages: list[dict[str, Any]] = []
+        self._lock = threading.Lock()
+        self.client = mqtt.Client(
+            mqtt.CallbackAPIVersion.VERSION2, client_id="camera-test-subscriber", clean_session=False
+        )
+        self.client.on_connect = lambda client, *_: client.subscribe("lookout/#", qos=1)
+        self.client.on_message = self._on_message
+        self.client.reconnect_delay_set(0.1, 0.5)
+        self.client.connect("127.0.0.1", port)
+        self.client.loop_start()
+
+    def _on_message(self, _client: Any, _userdata: Any, message: Any) -> None:
+        with self._lock:
+            self.messages.append(json.loads(message.payload))
+
+    def received(self) -> list[dict[str, Any]]:
+        with self._lock:
+            return list(self.messages)
+
+    def close(self) -> None:
+        self.client.disconnect()
+        self.client.loop_stop()
+
+
+def drop_images(folder: Path, first: int, count: int) -> None:
+    for index in range(first, first + count):
+        pixels = np.asarray(make_image(red=HEIGHT // 2 if index % 2 else 0))
+        Image.fromarray(pixels).save(folder / f".{index:04d}.png")
+        (folder / f".{index:04d}.png").rename(folder / f"{index:04d}.png")
+        time.sleep(0.02)  # distinct modification times keep the order
+
+
+@pytest.mark.skipif(not shutil.which(MOSQUITTO), reason="mosquitto is missing (run make setup)")
+def test_events_survive_a_broker_outage_once_each_in_order(
+    tmp_path: Path, agent_process, camera_daemon, models_dir: Path
+) -> None:
+    broker = Broker(tmp_path / "broker")
+    broker.start()
+    agent = agent_process()
+    agent.wait_ready()
+    folder = tmp_path / "incoming"
+    folder.mkdir()
+    subscriber = None
+    try:
+        wait_for(lambda: _connectable(broker.port), 10, "mosquitto to listen")
+        subscriber = Subscriber(broker.port)
+        wait_for(lambda: subscriber.client.is_connected(), 10, "the subscriber to connect")
+        time.sleep(0.3)  # the subscription is in place
+        daemon = camera_daemon(
+            {
+                "agent": {"socket": agent.address},
+                "cameras": [
+                    {"name": "bench", "source": str(folder), "model": "seg", "poll_interval": 0.1},
+                ],
+                "sinks": [
+                    {"type": "mqtt", "host": "127.0.0.1", "port": broker.port, "topic": "lookout/{camera}"}
+                ],
+            }
+        )
+        drop_images(folder, 0, 10)
+        wait_for(lambda: len(subscriber.received()) >= 10, 30, "the first events")
+
+        broker.stop()
+        drop_images(folder, 10, 15)
+        sink = f"mqtt:127.0.0.1:{broker.port}"
+
+        def spooled() -> bool:
+            sinks = daemon.status().get("sinks", {})
+            return sinks.get(sink, {}).get("pending", 0) >= 15
+
+        wait_for(spooled, 30, "events to be spooled while the broker is down")
+        time.sleep(2.0)  # down for a while: several failed deliveries
+        broker.start()
+        drop_images(folder, 25, 5)
+        wait_for(lambda: len(subscriber.received()) >= 30, 60, "every event after the broker came back")
+        time.sleep(1.0)  # any duplicate would arrive now
+        status = daemon.status()["sinks"][sink]
+        assert status["failures"] >= 1 and status["dropped"] == 0 and status["pending"] == 0
+        assert daemon.stop() == 0
+    finally:
+        if subscriber is not None:
+            subscriber.close()
+        broker.stop()
+    received = subscriber.received()
+    assert [Path(e["source_file"]).name for e in received] == [f"{i:04d}.png" for i in range(30)]
+    assert len({e["event_id"] for e in received}) == 30
+    assert [e["is_anomalous"] for e in received] == [bool(i % 2) for i in range(30)]
+
+
+def _connectable(port: int) -> bool:
+    with socket.socket() as probe:
+        return probe.connect_ex(("127.0.0.1", port)) == 0
