@@ -3,7 +3,7 @@
 The graph takes exactly the bytes a client sends — one interleaved RGB888 image, uint8 ``[H, W, 3]`` —
 and does all preprocessing itself, so the agent never reimplements it:
 
-    Cast -> Unsqueeze -> Transpose (HWC -> NCHW) -> Resize (bilinear, to the network size)
+    Cast -> Unsqueeze -> Transpose (HWC -> NCHW) -> Resize (bilinear, asymmetric, to the network size)
     -> Sub/Div ((x - 127) / 128) -> stem -> inverted-residual blocks
 
 Batch norm is folded into the convolutions, TensorFlow "SAME" padding becomes explicit (possibly
@@ -30,9 +30,10 @@ from trainer.architecture import (
     same_padding,
 )
 
-OPSET = 17
-# IR version 8 is the oldest that carries opset 17; older runtimes (e.g. on Jetson) reject newer IRs.
-IR_VERSION = 8
+# Opset 11 and IR version 6 are what TensorRT 7.1's parser (JetPack 4.4, Jetson Xavier) reads;
+# ONNX Runtime and later TensorRT versions read them too.
+OPSET = 11
+IR_VERSION = 6
 INPUT_NAME = "image"
 
 
@@ -98,16 +99,19 @@ def build_backbone_graph(
     g.constant("zero", np.array(0.0, np.float32))
     g.constant("six", np.array(6.0, np.float32))
     x = g.node("Cast", [INPUT_NAME], "image_float", to=TensorProto.FLOAT)
-    x = g.node("Unsqueeze", [x, g.constant("batch_axis", np.array([0], np.int64))], "image_nhwc")
+    x = g.node("Unsqueeze", [x], "image_nhwc", axes=[0])
     x = g.node("Transpose", [x], "image_nchw", perm=[0, 3, 1, 2])
     if (input_height, input_width) != network_size:
+        # "asymmetric" is the one coordinate mode every TensorRT version takes; opset 11 wants
+        # roi and scales present, and empty when sizes are given.
+        empty = g.constant("empty", np.zeros(0, np.float32))
         sizes = g.constant("network_size", np.array([1, 3, *network_size], np.int64))
         x = g.node(
             "Resize",
-            [x, "", "", sizes],
+            [x, empty, empty, sizes],
             "image_resized",
             mode="linear",
-            coordinate_transformation_mode="half_pixel",
+            coordinate_transformation_mode="asymmetric",
         )
     x = g.node("Sub", [x, g.constant("input_mean", np.array(INPUT_MEAN, np.float32))], "image_centred")
     x = g.node("Div", [x, g.constant("input_std", np.array(INPUT_STD, np.float32))], "image_scaled")

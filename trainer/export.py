@@ -24,7 +24,7 @@ import numpy as np
 import onnx
 from onnx import TensorProto, helper, numpy_helper
 
-from trainer.features import FEATURES_OUTPUT, FeatureLayout, build_feature_graph
+from trainer.features import FEATURES_OUTPUT, FeatureLayout, append_resize, build_feature_graph
 from trainer.patchcore import anomaly_grid, blur_kernel, blur_normaliser, calibrated_score, raw_score
 from trainer.reference import resize_bilinear
 from trainer.segmentation import SegmentationHead
@@ -65,9 +65,7 @@ def build_model_graph(weights: dict[str, np.ndarray], model: TrainedModel) -> on
 
     features = FEATURES_OUTPUT
     squared = n.add("Mul", [features, features], "patch_squared")
-    patch_sq = n.add(
-        "ReduceSum", [squared, n.constant("axis0", np.array([0], np.int64))], "patch_sq", keepdims=1
-    )
+    patch_sq = n.add("ReduceSum", [squared], "patch_sq", axes=[0], keepdims=1)
     products = n.add("MatMul", [n.constant("bank_times_minus2", bank * -2.0), features], "bank_products")
     bank_sq = np.einsum("mc,mc->m", bank, bank)[:, None].astype(np.float32)
     partial = n.add("Add", [products, n.constant("bank_sq", bank_sq)], "partial_distances")
@@ -96,7 +94,7 @@ def build_model_graph(weights: dict[str, np.ndarray], model: TrainedModel) -> on
     outputs = [helper.make_tensor_value_info("anomaly_score", TensorProto.FLOAT, [])]
 
     if model.head is None:
-        resized = _resize(n, grid_map, 1, height, width, "anomaly_grid_resized")
+        resized = append_resize(graph, grid_map, layout.grid, (height, width))
         n.add("Reshape", [resized, image_shape], "anomaly_map")
     else:
         _segmentation_nodes(n, model, grid_map, image_shape)
@@ -107,13 +105,6 @@ def build_model_graph(weights: dict[str, np.ndarray], model: TrainedModel) -> on
     graph.name = "lookout_edge_patchcore"
     onnx.checker.check_model(onnx_model, full_check=True)
     return onnx_model
-
-
-def _resize(n: _Nodes, x: str, channels: int, height: int, width: int, name: str) -> str:
-    size = n.constant(f"{name}.size", np.array([1, channels, height, width], np.int64))
-    return n.add(
-        "Resize", [x, "", "", size], name, mode="linear", coordinate_transformation_mode="half_pixel"
-    )
 
 
 def _segmentation_nodes(n: _Nodes, model: TrainedModel, grid_map: str, image_shape: str) -> None:
@@ -133,27 +124,28 @@ def _segmentation_nodes(n: _Nodes, model: TrainedModel, grid_map: str, image_sha
     relative = n.add("Add", [n.add("MatMul", [weight, inputs], "head_products"), bias], "relative_logits")
     grid_shape = n.constant("logit_grid_shape", np.array([1, labels, *layout.grid], np.int64))
     grid_logits = n.add("Reshape", [relative, grid_shape], "relative_logit_grid")
-    pixel_logits = _resize(n, grid_logits, labels, height, width, "pixel_logits")
+    pixel_logits = append_resize(n.graph, grid_logits, layout.grid, (height, width))
     if labels == 1:
         log_sum = pixel_logits
-        label = n.constant("only_label", np.array(1, np.uint8))
+        label = n.constant("only_label", np.array(1, np.int64))
     else:
         log_sum = n.add("ReduceLogSumExp", [pixel_logits], "pixel_log_sum", axes=[1], keepdims=1)
         best = n.add("ArgMax", [pixel_logits], "best_label_index", axis=1, keepdims=1)
-        offset = n.add("Add", [best, n.constant("label_offset", np.array(1, np.int64))], "best_label_int")
-        label = n.add("Cast", [offset], "best_label", to=TensorProto.UINT8)
+        label = n.add("Add", [best, n.constant("label_offset", np.array(1, np.int64))], "best_label")
     anomaly = n.add("Sigmoid", [log_sum], "anomaly_probability")
     n.add("Reshape", [anomaly, image_shape], "anomaly_map")
     pixel_threshold = n.constant("pixel_threshold", np.array(head.pixel_threshold, np.float32))
     below = n.add("Less", [anomaly, pixel_threshold], "below_pixel_threshold")
-    zero = n.constant("zero_label", np.array(0, np.uint8))
+    # Labels stay int64 until the last node: TensorRT has no uint8 tensors inside a graph.
+    zero = n.constant("zero_label", np.array(0, np.int64))
     pixel_label = n.add("Where", [below, zero, label], "pixel_label")
     # A normal verdict comes with an empty mask.
     normal = n.add(
         "Less", ["anomaly_score", n.constant("threshold", np.array(THRESHOLD, np.float32))], "image_is_normal"
     )
     gated = n.add("Where", [normal, zero, pixel_label], "gated_label")
-    n.add("Reshape", [gated, image_shape], "label_map")
+    flat = n.add("Reshape", [gated, image_shape], "label_map_int")
+    n.add("Cast", [flat], "label_map", to=TensorProto.UINT8)
 
 
 def reference_outputs(model: TrainedModel, patches: np.ndarray) -> dict[str, np.ndarray]:

@@ -18,6 +18,7 @@ from onnx import TensorProto, helper, numpy_helper
 
 from trainer.architecture import NETWORK_STRIDE, STAGES, feature_name, stage_stride
 from trainer.backbone import build_backbone_graph
+from trainer.interpolation import bilinear_matrix
 
 FEATURE_STAGES = (2, 4)
 FEATURES_OUTPUT = "patch_features"
@@ -85,20 +86,9 @@ def build_feature_graph(weights: dict[str, np.ndarray], layout: FeatureLayout) -
         aggregated.append(pooled)
     # The coarser stages are brought onto the finest grid.
     for index in range(1, len(aggregated)):
-        resized = f"{aggregated[index]}.resized"
-        channels = STAGES[FEATURE_STAGES[index]].out_channels
-        grid_size = _constant(graph, f"{resized}.size", np.array([1, channels, *layout.grid], np.int64))
-        graph.node.append(
-            helper.make_node(
-                "Resize",
-                [aggregated[index], "", "", grid_size],
-                [resized],
-                name=resized,
-                mode="linear",
-                coordinate_transformation_mode="half_pixel",
-            )
+        aggregated[index] = append_resize(
+            graph, aggregated[index], stage_grid(layout, FEATURE_STAGES[index]), layout.grid
         )
-        aggregated[index] = resized
     graph.node.append(helper.make_node("Concat", aggregated, ["patch_grid"], name="patch_grid", axis=1))
     shape = _constant(graph, "patch_matrix_shape", np.array([layout.channels, layout.patches], np.int64))
     graph.node.append(
@@ -109,6 +99,22 @@ def build_feature_graph(weights: dict[str, np.ndarray], layout: FeatureLayout) -
         helper.make_tensor_value_info(FEATURES_OUTPUT, TensorProto.FLOAT, [layout.channels, layout.patches])
     )
     return model
+
+
+def stage_grid(layout: FeatureLayout, stage: int) -> tuple[int, int]:
+    stride = stage_stride(stage)
+    return -(-layout.network_size[0] // stride), -(-layout.network_size[1] // stride)
+
+
+def append_resize(graph: onnx.GraphProto, x: str, size_in: tuple[int, int], size_out: tuple[int, int]) -> str:
+    """Append nodes resizing `x` [..., h, w] to [..., H, W], bilinear with half-pixel centres."""
+    rows = _constant(graph, f"{x}.resize_rows", bilinear_matrix(size_in[0], size_out[0]))
+    columns = _constant(graph, f"{x}.resize_columns", bilinear_matrix(size_in[1], size_out[1]).T.copy())
+    tall = f"{x}.resized_rows"
+    graph.node.append(helper.make_node("MatMul", [rows, x], [tall], name=tall))
+    resized = f"{x}.resized"
+    graph.node.append(helper.make_node("MatMul", [tall, columns], [resized], name=resized))
+    return resized
 
 
 class FeatureExtractor:

@@ -18,18 +18,19 @@ from trainer.architecture import (
 )
 
 
-def resize_bilinear(image: np.ndarray, height: int, width: int) -> np.ndarray:
-    """Bilinear resize of a CHW array with half-pixel centres and edge clamping (ONNX Resize "linear",
-    ``coordinate_transformation_mode="half_pixel"``)."""
-    rows = _taps(image.shape[1], height)
-    cols = _taps(image.shape[2], width)
+def resize_bilinear(image: np.ndarray, height: int, width: int, asymmetric: bool = False) -> np.ndarray:
+    """Bilinear resize of a CHW array with edge clamping (ONNX Resize "linear"), with half-pixel
+    centres or, with `asymmetric`, ``coordinate_transformation_mode="asymmetric"``."""
+    rows = _taps(image.shape[1], height, asymmetric)
+    cols = _taps(image.shape[2], width, asymmetric)
     out = image[:, rows[0], :] * rows[2][None, :, None] + image[:, rows[1], :] * (1 - rows[2])[None, :, None]
     return out[:, :, cols[0]] * cols[2][None, None, :] + out[:, :, cols[1]] * (1 - cols[2])[None, None, :]
 
 
-def _taps(size_in: int, size_out: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+def _taps(size_in: int, size_out: int, asymmetric: bool) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """For each output position: the two source indices and the weight of the first."""
-    source = (np.arange(size_out) + 0.5) * (size_in / size_out) - 0.5
+    scale = size_in / size_out
+    source = np.arange(size_out) * scale if asymmetric else (np.arange(size_out) + 0.5) * scale - 0.5
     source = np.clip(source, 0, size_in - 1)
     low = np.floor(source).astype(np.intp)
     high = np.minimum(low + 1, size_in - 1)
@@ -67,7 +68,7 @@ def reference_features(
 
     x = image.astype(np.float64).transpose(2, 0, 1)
     if x.shape[1:] != network_size:
-        x = resize_bilinear(x, *network_size)
+        x = resize_bilinear(x, *network_size, asymmetric=True)
     x = conv2d((x - INPUT_MEAN) / INPUT_STD, backbone.stem)
 
     features = {}
