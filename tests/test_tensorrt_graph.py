@@ -27,6 +27,7 @@ from agent.trt_graph import (
 from trainer.synthetic import write_synthetic_dataset
 from trainer.train import train
 
+
 @pytest.fixture(scope="module")
 def trained_model(tmp_path_factory: pytest.TempPathFactory) -> Iterator[onnx.ModelProto]:
     work = tmp_path_factory.mktemp("trained")
