@@ -10,7 +10,7 @@ STAMP := $(VENV)/.installed
 SYSTEM_PACKAGES := gir1.2-gst-rtsp-server-1.0 gstreamer1.0-plugins-base gstreamer1.0-plugins-good \
 	gstreamer1.0-plugins-ugly python3-gi mosquitto
 
-.PHONY: setup system-packages proto lint test demo bench clean
+.PHONY: setup system-packages proto lint test demo bench clean components
 
 # Reinstall only when the project's dependencies change.
 $(STAMP): pyproject.toml
@@ -51,3 +51,9 @@ bench: setup
 
 clean:
 	rm -rf $(VENV) build *.egg-info .pytest_cache .mypy_cache .ruff_cache
+
+# Greengrass components (docs/greengrass.md): make components BUCKET=my-bucket [PREFIX=path]
+# [OFFLINE_ARGS="--offline-platform manylinux2014_aarch64 --offline-python 3.10"]
+components: setup
+	@test -n "$(BUCKET)" || { echo "usage: make components BUCKET=bucket [PREFIX=prefix]"; exit 2; }
+	$(PY) -m components.build --bucket "$(BUCKET)" --prefix "$(PREFIX)" $(OFFLINE_ARGS)

@@ -89,6 +89,46 @@ def _add_trainer_parsers(commands: argparse._SubParsersAction) -> None:
     evaluate.add_argument("--json", action="store_true", help="print the evaluation as JSON")
 
 
+def _add_package_parser(commands: argparse._SubParsersAction) -> None:
+    package = commands.add_parser("package", help="make a Greengrass model component from a model package")
+    package.add_argument("model_dir", type=Path, help="model package directory")
+    package.add_argument("--component-name", required=True, help="component name, also the model's name")
+    package.add_argument("--component-version", help="X.Y.Z (default: from the model's version, else 1.0.0)")
+    package.add_argument("--component-description", help="description shown in the Greengrass console")
+    target = package.add_mutually_exclusive_group()
+    target.add_argument("--target-device", help="a target device, e.g. jetson_xavier")
+    target.add_argument("--target-platform", help="OS/ARCH[/ACCELERATOR], e.g. linux/x86_64/nvidia")
+    package.add_argument(
+        "--compiler-options", help='JSON, e.g. \'{"gpu-code": "sm_75", "trt-ver": "7.1.3", ...}\''
+    )
+    package.add_argument("--bucket", default="BUCKET", help="S3 bucket of the artifact URIs (default BUCKET)")
+    package.add_argument("--prefix", default="", help="key prefix inside the bucket")
+    package.add_argument("--out", type=Path, required=True, help="writes OUT/recipes/ and OUT/artifacts/")
+
+
+def _run_package(args: argparse.Namespace) -> int:
+    from components.model import package_model
+    from components.targets import resolve_target
+
+    try:
+        target = resolve_target(args.target_device, args.target_platform, args.compiler_options)
+        built = package_model(
+            args.model_dir,
+            args.out,
+            args.component_name,
+            target,
+            args.component_version,
+            args.bucket,
+            args.prefix,
+            args.component_description,
+        )
+    except (OSError, ValueError) as exc:  # TargetError, PackageError and RecipeError are ValueErrors
+        print(f"lookout-edge package: {exc}", file=sys.stderr)
+        return 1
+    print(f"component {built.name} {built.version}: {built.recipe} and {built.artifact}")
+    return 0
+
+
 def _run_train(args: argparse.Namespace) -> int:
     from trainer.evaluate import summary_lines
     from trainer.train import TrainOptions, train
@@ -153,6 +193,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_client_parsers(commands)
     _add_trainer_parsers(commands)
     _add_camera_parser(commands)
+    _add_package_parser(commands)
     return parser
 
 
@@ -249,6 +290,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         return _run_agent(args)
     if args.command == "camera":
         return _run_camera(args)
+    if args.command == "package":
+        return _run_package(args)
     if args.command in ("train", "evaluate"):
         logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
         try:

@@ -1,0 +1,167 @@
+"""Compile targets of a model component: a target device, or a platform with compiler options.
+
+The choices are the ones the Lookout for Vision packaging job offers: a target device
+(`jetson_xavier`), or a target platform `os/arch[/accelerator]` with compiler options
+`gpu-code`, `trt-ver` and `cuda-ver` for NVIDIA accelerators and `mcpu` for CPUs. The
+target is recorded in the package manifest's `target` key, where the agent reads it to
+pick its backend, and it restricts the component's recipe to the matching platform.
+"""
+
+from __future__ import annotations
+
+import json
+import platform
+import re
+from dataclasses import dataclass, field
+from typing import Any
+
+OPERATING_SYSTEMS = ("linux",)
+ARCHITECTURES = {
+    "x86_64": "x86_64",
+    "amd64": "x86_64",
+    "x86-64": "x86_64",
+    "aarch64": "aarch64",
+    "arm64": "aarch64",
+}
+ACCELERATORS = ("cpu", "nvidia")
+# Greengrass names architectures as the JVM does.
+GREENGRASS_ARCHITECTURES = {"x86_64": "amd64", "aarch64": "aarch64"}
+DEFAULT_MCPU = "core-avx2"  # what the packaging job uses for x86_64 CPUs when none is given
+
+_NVIDIA_OPTIONS = {
+    "gpu-code": (re.compile(r"^sm_\d{2,3}$"), "a GPU code such as sm_75"),
+    "trt-ver": (re.compile(r"^\d+\.\d+\.\d+$"), "a TensorRT version x.y.z such as 8.2.1"),
+    "cuda-ver": (re.compile(r"^\d+\.\d+$"), "a CUDA version x.y such as 11.2"),
+}
+_CPU_OPTIONS = {
+    "mcpu": (re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.+-]*$"), "an instruction set such as core-avx2"),
+}
+
+
+class TargetError(ValueError):
+    """A target device, platform or compiler option that cannot be used."""
+
+
+@dataclass(frozen=True)
+class Target:
+    os: str
+    arch: str  # x86_64 or aarch64
+    accelerator: str  # cpu or nvidia
+    compiler_options: dict[str, str] = field(default_factory=dict)
+    device: str | None = None
+
+    def to_manifest(self) -> dict[str, Any]:
+        """The `target` object of the package manifest."""
+        record: dict[str, Any] = {
+            "os": self.os,
+            "arch": self.arch,
+            "accelerator": self.accelerator,
+            "compiler_options": dict(self.compiler_options),
+        }
+        if self.device:
+            record["device"] = self.device
+        return record
+
+    def greengrass_platform(self) -> dict[str, str]:
+        """The recipe manifest's `Platform`, so that Greengrass deploys the model only where it fits."""
+        return {"os": self.os, "architecture": GREENGRASS_ARCHITECTURES[self.arch]}
+
+
+# The target devices of the packaging job. Jetson AGX Xavier runs JetPack 4.4 to 4.6.1, that is
+# TensorRT 7.1.3 or 8.2.1: the agent builds its engine on the device, so trt-ver is not pinned.
+DEVICES = {
+    "jetson_xavier": Target(
+        os="linux",
+        arch="aarch64",
+        accelerator="nvidia",
+        compiler_options={"gpu-code": "sm_72", "cuda-ver": "10.2"},
+        device="jetson_xavier",
+    ),
+}
+
+
+def machine_arch() -> str:
+    """This machine's architecture in the target's spelling (x86_64 or aarch64)."""
+    machine = platform.machine().lower()
+    if machine not in ARCHITECTURES:
+        raise TargetError(f"this machine's architecture {machine!r} is not a supported target")
+    return ARCHITECTURES[machine]
+
+
+def _parse_platform(text: str) -> tuple[str, str, str]:
+    parts = text.strip().lower().split("/")
+    if len(parts) not in (2, 3) or not all(parts):
+        raise TargetError(
+            f"target platform {text!r} must be OS/ARCH or OS/ARCH/ACCELERATOR, e.g. linux/aarch64/nvidia"
+        )
+    os_name, arch = parts[0], parts[1]
+    accelerator = parts[2] if len(parts) == 3 else "cpu"
+    if os_name not in OPERATING_SYSTEMS:
+        raise TargetError(
+            f"target OS {parts[0]!r} is not supported; use one of: {', '.join(OPERATING_SYSTEMS)}"
+        )
+    if arch not in ARCHITECTURES:
+        raise TargetError(f"target architecture {parts[1]!r} is not supported; use x86_64 or aarch64")
+    if accelerator not in ACCELERATORS:
+        raise TargetError(
+            f"target accelerator {accelerator!r} is not supported; use one of: {', '.join(ACCELERATORS)}"
+        )
+    return os_name, ARCHITECTURES[arch], accelerator
+
+
+def _parse_options(text: str | None, accelerator: str, arch: str) -> dict[str, str]:
+    options: Any = {}
+    if text is not None:
+        try:
+            options = json.loads(text)
+        except json.JSONDecodeError as exc:
+            raise TargetError(f"compiler options are not valid JSON ({exc.msg}): {text!r}") from None
+        if not isinstance(options, dict):
+            raise TargetError(
+                f'compiler options must be a JSON object, e.g. {{"mcpu": "core-avx2"}}: {text!r}'
+            )
+    allowed = _NVIDIA_OPTIONS if accelerator == "nvidia" else _CPU_OPTIONS
+    for key, value in options.items():
+        if key not in allowed:
+            raise TargetError(
+                f"compiler option {key!r} does not apply to the {accelerator} accelerator; "
+                f"allowed: {', '.join(allowed)}"
+            )
+        pattern, expected = allowed[key]
+        if not isinstance(value, str) or not pattern.match(value):
+            raise TargetError(f"compiler option {key!r} is {value!r}; expected {expected}")
+    if accelerator == "nvidia":
+        missing = [key for key in _NVIDIA_OPTIONS if key not in options]
+        if missing:
+            raise TargetError(
+                f"an NVIDIA target platform needs compiler options {', '.join(missing)}, "
+                'e.g. {"gpu-code": "sm_75", "trt-ver": "7.1.3", "cuda-ver": "10.2"}'
+            )
+    elif arch == "x86_64":
+        options.setdefault("mcpu", DEFAULT_MCPU)
+    return dict(options)
+
+
+def resolve_target(
+    device: str | None = None, target_platform: str | None = None, compiler_options: str | None = None
+) -> Target:
+    """The target from the package options; by default linux, this machine's architecture, CPU."""
+    if device is not None and target_platform is not None:
+        raise TargetError("give a target device or a target platform, not both")
+    if device is not None:
+        if compiler_options is not None:
+            raise TargetError("compiler options go with a target platform; a target device implies its own")
+        if device not in DEVICES:
+            raise TargetError(
+                f"unknown target device {device!r}; known devices: {', '.join(sorted(DEVICES))}"
+            )
+        return DEVICES[device]
+    if target_platform is None:
+        if compiler_options is not None:
+            raise TargetError(
+                "compiler options go with a target platform (--target-platform OS/ARCH[/ACCELERATOR])"
+            )
+        os_name, arch, accelerator = "linux", machine_arch(), "cpu"
+    else:
+        os_name, arch, accelerator = _parse_platform(target_platform)
+    return Target(os_name, arch, accelerator, _parse_options(compiler_options, accelerator, arch))
