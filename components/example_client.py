@@ -22,24 +22,25 @@ from lookout_edge.protocol import pb2, pb2_grpc
 
 
 def _wait_running(stub: pb2_grpc.EdgeAgentStub, model: str, deadline: float) -> None:
-    """Start the model, waiting first for the model component's package to reach the agent."""
-    while True:
+    """Start the model unless it runs already, waiting for its package to reach the agent."""
+    while time.monotonic() < deadline:
         try:
-            stub.StartModel(pb2.StartModelRequest(model_component=model))
-            break
+            description = stub.DescribeModel(
+                pb2.DescribeModelRequest(model_component=model)
+            ).model_description
+            if description.status == pb2.RUNNING:
+                return
+            if description.status == pb2.FAILED:
+                raise RuntimeError(f"model {model} FAILED: {description.status_message}")
+            if description.status == pb2.STOPPED:
+                stub.StartModel(pb2.StartModelRequest(model_component=model))
         except grpc.RpcError as error:
-            if error.code() != grpc.StatusCode.NOT_FOUND or time.monotonic() > deadline:
+            # NOT_FOUND: the model component has not placed its package yet. FAILED_PRECONDITION:
+            # someone else (the agent's StartModels) started it first.
+            if error.code() not in (grpc.StatusCode.NOT_FOUND, grpc.StatusCode.FAILED_PRECONDITION):
                 raise
-            time.sleep(0.5)
-    while True:
-        description = stub.DescribeModel(pb2.DescribeModelRequest(model_component=model)).model_description
-        if description.status == pb2.RUNNING:
-            return
-        if description.status == pb2.FAILED or time.monotonic() > deadline:
-            raise RuntimeError(
-                f"model {model} is {pb2.ModelStatus.Name(description.status)}: {description.status_message}"
-            )
         time.sleep(0.2)
+    raise TimeoutError(f"model {model} is not RUNNING after the timeout")
 
 
 def main(argv: Sequence[str] | None = None) -> int:
