@@ -1,11 +1,10 @@
 """`make components`: the agent and camera client components, ready to publish.
 
     python -m components.build --bucket BUCKET [--prefix PREFIX] [--out build/greengrass]
-        [--offline-platform manylinux2014_x86_64 --offline-platform manylinux2014_aarch64
-         --offline-python 3.10]
+        [--offline x86_64 --offline aarch64 [--offline-python 3.10] [--offline-glibc 2.28]]
 
-writes `OUT/artifacts/<name>/<version>/` (the project's wheel; with --offline-platform, a ZIP of
-every dependency wheel for each platform, so devices without internet can install) and
+writes `OUT/artifacts/<name>/<version>/` (the project's wheel; with --offline, a ZIP of every
+dependency wheel for each architecture, so devices without internet can install) and
 `OUT/recipes/<name>-<version>.json` with the artifacts' S3 URIs and digests. Nothing is sent
 to AWS. Every recipe is checked (schema, recipe variables, digests) before the command succeeds.
 """
@@ -13,7 +12,6 @@ to AWS. Every recipe is checked (schema, recipe variables, digests) before the c
 from __future__ import annotations
 
 import argparse
-import platform
 import shutil
 import subprocess
 import sys
@@ -33,6 +31,8 @@ EXAMPLE_CLIENT = "lookout_edge.ExampleClient"
 WHEEL_NAME = f"lookout_edge-{__version__}-py3-none-any.whl"
 # The pip platform tag of each Greengrass architecture, for offline bundles.
 _BUNDLE_ARCHITECTURES = {"x86_64": "amd64", "aarch64": "aarch64"}
+DEFAULT_PYTHON = f"{sys.version_info.major}.{sys.version_info.minor}"
+DEFAULT_GLIBC = "2.28"
 
 
 def build_wheel(destination: Path) -> Path:
@@ -60,41 +60,33 @@ def build_wheel(destination: Path) -> Path:
         return Path(shutil.copy2(built, destination / WHEEL_NAME))
 
 
-def build_offline_bundle(
-    wheel: Path, destination: Path, pip_platform: str | None, python_version: str | None
-) -> Path:
-    """A ZIP of the wheel and every dependency wheel for one platform (this machine's by default).
+def pip_platforms(arch: str, glibc: str) -> list[str]:
+    """The manylinux tags a device with this architecture and glibc (e.g. 2.28) can install."""
+    major, minor = (int(part) for part in glibc.split("."))
+    if major != 2 or minor < 17:
+        raise ValueError(f"glibc {glibc}: manylinux wheels need glibc 2.17 or newer")
+    return [f"manylinux_2_{n}_{arch}" for n in range(minor, 16, -1)] + [f"manylinux2014_{arch}"]
 
-    `pip_platform` is a pip platform tag such as manylinux2014_aarch64; with it, pip downloads
-    binary wheels for that platform and `python_version` (e.g. 3.10), which must be the device's.
+
+def build_offline_bundle(wheel: Path, destination: Path, arch: str, python_version: str, glibc: str) -> Path:
+    """A ZIP of every dependency wheel for devices of one architecture, Python version and glibc.
+
+    pip downloads binary wheels only (`--only-binary=:all:`), so the bundle installs with
+    `pip install --no-index` on a device without a compiler or internet access.
     """
-    tag = pip_platform or platform.machine()
-    arch = next((arch for arch in _BUNDLE_ARCHITECTURES if tag.endswith(arch)), None)
-    if arch is None:
-        raise ValueError(
-            f"cannot tell the architecture of pip platform {tag!r}: use an x86_64 or aarch64 tag"
-        )
-    name = f"lookout-edge-wheels-{arch}"
+    if arch not in _BUNDLE_ARCHITECTURES:
+        raise ValueError(f"architecture {arch!r}: offline bundles are for {', '.join(_BUNDLE_ARCHITECTURES)}")
     with tempfile.TemporaryDirectory() as scratch:
-        command = [
-            sys.executable,
-            "-m",
-            "pip",
-            "download",
-            "--quiet",
-            "--only-binary=:all:",
-            "--dest",
-            scratch,
-        ]
-        if pip_platform:
-            command += ["--platform", pip_platform]
-        if python_version:
-            command += ["--python-version", python_version]
+        command = [sys.executable, "-m", "pip", "download", "--quiet", "--only-binary=:all:"]
+        command += ["--dest", scratch, "--python-version", python_version]
+        for tag in pip_platforms(arch, glibc):
+            command += ["--platform", tag]
         subprocess.run([*command, str(wheel)], check=True)
-        archive = destination / f"{name}.zip"
+        archive = destination / f"lookout-edge-wheels-{arch}.zip"
         with zipfile.ZipFile(archive, "w", compression=zipfile.ZIP_STORED) as bundle:
             for path in sorted(Path(scratch).iterdir()):
-                bundle.write(path, path.name)
+                if path.name != wheel.name:
+                    bundle.write(path, path.name)
     return archive
 
 
@@ -102,8 +94,9 @@ def build_components(
     out: Path,
     bucket: str,
     prefix: str = "",
-    offline_platforms: Sequence[str] = (),
-    offline_python: str | None = None,
+    offline_archs: Sequence[str] = (),
+    offline_python: str = DEFAULT_PYTHON,
+    offline_glibc: str = DEFAULT_GLIBC,
 ) -> list[Path]:
     """Build the agent and camera client components into `out`; return the recipes written."""
     artifacts = out / "artifacts"
@@ -114,12 +107,13 @@ def build_components(
     wheel = build_wheel(agent_dir)
     camera_dir.mkdir(parents=True)
     shutil.copy2(wheel, camera_dir / WHEEL_NAME)
-    bundles = [build_offline_bundle(wheel, agent_dir, p, offline_python) for p in offline_platforms]
+    bundles = [
+        build_offline_bundle(wheel, agent_dir, a, offline_python, offline_glibc) for a in offline_archs
+    ]
 
     agent = render(load_template(f"{AGENT}.yaml"), {"VERSION": __version__})
     for manifest in agent["Manifests"]:
-        for bundle in bundles:
-            arch = bundle.stem.rsplit("-", 1)[-1]
+        for arch, bundle in zip(offline_archs, bundles, strict=True):
             if manifest["Platform"]["architecture"] == _BUNDLE_ARCHITECTURES[arch]:
                 manifest["Artifacts"].append({"Uri": bundle.name, "Unarchive": "ZIP"})
     camera = render(load_template(f"{CAMERA_CLIENT}.yaml"), {"VERSION": __version__})
@@ -153,17 +147,26 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--prefix", default="", help="key prefix inside the bucket")
     parser.add_argument("--out", type=Path, default=ROOT / "build" / "greengrass", help="output directory")
     parser.add_argument(
-        "--offline-platform",
+        "--offline",
         action="append",
         default=[],
-        metavar="PIP_PLATFORM",
-        help="also bundle every dependency wheel for this pip platform (repeatable)",
+        choices=sorted(_BUNDLE_ARCHITECTURES),
+        help="also bundle every dependency wheel for devices of this architecture (repeatable)",
     )
     parser.add_argument(
-        "--offline-python", help="the devices' Python version for --offline-platform, e.g. 3.10"
+        "--offline-python",
+        default=DEFAULT_PYTHON,
+        help="the devices' Python for --offline (default %(default)s)",
+    )
+    parser.add_argument(
+        "--offline-glibc",
+        default=DEFAULT_GLIBC,
+        help="the devices' glibc for --offline (default %(default)s)",
     )
     args = parser.parse_args(argv)
-    recipes = build_components(args.out, args.bucket, args.prefix, args.offline_platform, args.offline_python)
+    recipes = build_components(
+        args.out, args.bucket, args.prefix, args.offline, args.offline_python, args.offline_glibc
+    )
     problems = check_recipes(args.out / "recipes", args.out / "artifacts")
     for recipe in recipes:
         print(f"{recipe}: {'; '.join(problems[recipe.name]) or 'ok'}")

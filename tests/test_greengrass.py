@@ -19,7 +19,14 @@ import pytest
 from PIL import Image
 
 from client.edge_client import EdgeAgentClient
-from components.build import AGENT, CAMERA_CLIENT, EXAMPLE_CLIENT, build_components, build_example_client
+from components.build import (
+    AGENT,
+    CAMERA_CLIENT,
+    EXAMPLE_CLIENT,
+    build_components,
+    build_example_client,
+    pip_platforms,
+)
 from components.model import default_version
 from components.recipes import check_recipe, check_recipes
 from lookout_edge import __version__
@@ -350,3 +357,14 @@ def _statuses(agent: EdgeAgentClient) -> list[tuple[str, str]]:
         return [(m.name, m.status) for m in agent.list_models()]
     except Exception:  # the agent is restarting
         return [("unreachable", "")]
+
+
+def test_offline_bundles_ask_pip_for_every_manylinux_level_the_device_can_run() -> None:
+    assert pip_platforms("aarch64", "2.19") == [
+        "manylinux_2_19_aarch64",
+        "manylinux_2_18_aarch64",
+        "manylinux_2_17_aarch64",
+        "manylinux2014_aarch64",
+    ]
+    with pytest.raises(ValueError, match=r"glibc 2\.12"):
+        pip_platforms("x86_64", "2.12")
