@@ -16,6 +16,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
+import yaml
 from PIL import Image
 
 from client.edge_client import EdgeAgentClient
@@ -275,6 +276,15 @@ def test_reusing_a_name_and_version_is_refused(tmp_path: Path, capsys: pytest.Ca
     assert main([*arguments, "--component-version", "1.0.1"]) == 0
 
 
+# Install only the wheel into the components' virtual environments; pip and the dependencies
+# come from the test environment through PYTHONPATH (see the nucleus fixture).
+LOCAL_INSTALL = {
+    "PythonCommand": sys.executable,
+    "VenvOptions": "--without-pip",
+    "PipOptions": "--no-deps --no-index --ignore-installed --quiet",
+}
+
+
 @pytest.fixture
 def nucleus(built: Built, tmp_path: Path) -> Iterator[Nucleus]:
     # The components' scripts run with this test environment's packages on PYTHONPATH, so that
@@ -300,20 +310,14 @@ def _wait_for(predicate: Callable[[], bool], timeout: float, what: str) -> None:
 
 
 @pytest.mark.slow
-def test_components_run_their_lifecycles_as_the_nucleus_would(nucleus: Nucleus) -> None:
+def test_components_run_their_lifecycles_as_the_nucleus_would(nucleus: Nucleus, built: Built) -> None:
     sock_dir = short_tmpdir()
     socket = f"unix://{sock_dir}/agent.sock"
     try:
         nucleus.deploy(
             [EXAMPLE_CLIENT],
             {
-                AGENT: {
-                    "Socket": socket,
-                    "StartModels": MODEL,
-                    "PythonCommand": sys.executable,
-                    "VenvOptions": "--without-pip",
-                    "PipOptions": "--no-deps --no-index --ignore-installed --quiet",
-                }
+                AGENT: {"Socket": socket, "StartModels": MODEL, **LOCAL_INSTALL},
             },
         )
         assert list(nucleus.components) == [AGENT, MODEL, EXAMPLE_CLIENT]
@@ -338,6 +342,21 @@ def test_components_run_their_lifecycles_as_the_nucleus_would(nucleus: Nucleus) 
             # the configured models again.
             nucleus.crash_and_restart(AGENT)
             _wait_for(lambda: _statuses(agent) == [(MODEL, "RUNNING")], 30, "the model to run again")
+
+            # The camera client's Run hands its configuration to the daemon as camera.yaml,
+            # with the agent component's socket.
+            cameras = [{"name": "line1", "source": "rtsp://10.0.0.5/stream1", "model": MODEL}]
+            nucleus.deploy([CAMERA_CLIENT], {CAMERA_CLIENT: {**LOCAL_INSTALL, "Cameras": cameras}})
+            camera_yaml = nucleus.paths(CAMERA_CLIENT)["work:path"] / "camera.yaml"
+            _wait_for(camera_yaml.exists, 10, "the camera client's configuration")
+            assert yaml.safe_load(camera_yaml.read_text()) == {
+                "agent": {"socket": socket},
+                "cameras": cameras,
+                "sinks": built.recipes[CAMERA_CLIENT]["ComponentConfiguration"]["DefaultConfiguration"][
+                    "Sinks"
+                ],
+            }
+            nucleus.remove(CAMERA_CLIENT)
 
             nucleus.remove(EXAMPLE_CLIENT)
             nucleus.remove(MODEL)
