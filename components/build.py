@@ -2,10 +2,12 @@
 
     python -m components.build --bucket BUCKET [--prefix PREFIX] [--out build/greengrass]
         [--offline x86_64 --offline aarch64 [--offline-python 3.10] [--offline-glibc 2.28]]
+        [--example-client MODEL:VERSION --example-image IMAGE]
 
 writes `OUT/artifacts/<name>/<version>/` (the project's wheel; with --offline, a ZIP of every
 dependency wheel for each architecture, so devices without internet can install) and
-`OUT/recipes/<name>-<version>.json` with the artifacts' S3 URIs and digests. Nothing is sent
+`OUT/recipes/<name>-<version>.json` with the artifacts' S3 URIs and digests; with
+--example-client, the example client component for a model component, too. Nothing is sent
 to AWS. Every recipe is checked (schema, recipe variables, digests) before the command succeeds.
 """
 
@@ -163,10 +165,23 @@ def main(argv: Sequence[str] | None = None) -> int:
         default=DEFAULT_GLIBC,
         help="the devices' glibc for --offline (default %(default)s)",
     )
+    parser.add_argument(
+        "--example-client",
+        metavar="MODEL:VERSION",
+        help="also build lookout_edge.ExampleClient for this model component",
+    )
+    parser.add_argument("--example-image", type=Path, help="the image the example client inspects")
     args = parser.parse_args(argv)
+    if bool(args.example_client) != bool(args.example_image) or ":" not in (args.example_client or ":"):
+        parser.error("--example-client MODEL:VERSION and --example-image IMAGE go together")
     recipes = build_components(
         args.out, args.bucket, args.prefix, args.offline, args.offline_python, args.offline_glibc
     )
+    if args.example_client:
+        model, version = args.example_client.split(":", 1)
+        recipes.append(
+            build_example_client(args.out, model, version, args.example_image, args.bucket, args.prefix)
+        )
     problems = check_recipes(args.out / "recipes", args.out / "artifacts")
     for recipe in recipes:
         print(f"{recipe}: {'; '.join(problems[recipe.name]) or 'ok'}")

@@ -19,10 +19,10 @@ from pathlib import Path
 from lookout_edge import __version__
 from lookout_edge.package import MANIFEST_NAME, read_package, write_package
 
+from .build import AGENT
 from .recipes import RecipeError, attach_artifacts, check_recipe, load_template, recipe_filename, render
 from .targets import Target
 
-AGENT_COMPONENT = "lookout_edge.EdgeAgent"
 # Greengrass's component name rule; a leading dot would hide the package from the agent.
 _COMPONENT_NAME = re.compile(r"^[A-Za-z0-9_-][A-Za-z0-9._-]{0,127}$")
 # Semantic Versioning 2.0.0 (semver.org), which Greengrass component versions follow.
@@ -94,6 +94,8 @@ def package_model(
             "choose another --component-version (a published version cannot be replaced)"
         )
     template = load_template("model.yaml")
+    # The agent's recipe, to check the keys of its configuration the model's scripts read.
+    agent = render(load_template(f"{AGENT}.yaml"), {"VERSION": __version__})
 
     out.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(prefix=".package-", dir=out))
@@ -117,7 +119,7 @@ def package_model(
         values = {
             "NAME": name,
             "VERSION": version,
-            "AGENT": AGENT_COMPONENT,
+            "AGENT": AGENT,
             "AGENT_VERSION": __version__,
             "OS": platform["os"],
             "ARCH": platform["architecture"],
@@ -126,7 +128,7 @@ def package_model(
         recipe["ComponentDescription"] = (
             description or f"Model {name} ({package.model_type}) for the lookout-edge Edge Agent."
         )
-        problems = check_recipe(recipe, staged_artifacts)
+        problems = check_recipe(recipe, staged_artifacts, {AGENT: agent})
         if problems:
             raise RecipeError(f"the recipe for {name} {version} would not deploy: " + "; ".join(problems))
 
