@@ -194,6 +194,10 @@ def check_recipe(
     known = known_recipes or {}
     name, version = recipe["ComponentName"], recipe["ComponentVersion"]
     lifecycles = [recipe.get("Lifecycle", {})] + [m.get("Lifecycle", {}) for m in recipe["Manifests"]]
+    for lifecycle in lifecycles:
+        steps = {str(step).lower() for step in lifecycle}
+        if {"startup", "run"} <= steps:
+            problems.append("a lifecycle has both Startup and Run: the nucleus runs only Startup")
     for text in _lifecycle_strings(lifecycles):
         for variable in _VARIABLE.findall(text):
             problem = _check_variable(variable, recipe, known)

@@ -8,7 +8,8 @@ updates into each DefaultConfiguration, interpolates recipe variables exactly as
 nucleus's KernelConfigResolver does (containers become compact JSON with sorted keys, cross-
 component references only for direct dependencies), and runs the lifecycle steps with
 `sh -c` in the component's work folder, with the nucleus's default timeouts (Install and
-Startup 120 s, Shutdown 15 s, Run none) unless the recipe sets one. Output goes to
+Startup 120 s, Shutdown 15 s, Run none) unless the recipe sets one: Install, then Startup if
+there is one, else Run. Output goes to
 `ROOT/logs/NAME.log`. Removing a component runs its Shutdown, then stops its processes.
 
 Not covered: privileges and users (everything runs as the test's user), Bootstrap, Recover,
@@ -247,10 +248,14 @@ class Nucleus:
             self.components[name] = component
             self._place_artifacts(component)
             self._run_to_end(component, "install")
-            self._run_to_end(component, "startup")
-            found = self._step(component, "run")
-            if found is not None:
-                component.run = self._spawn(component, found[0])
+            # As in the nucleus, a component has a Startup step or a Run step: Run is ignored
+            # when there is a Startup.
+            if self._step(component, "startup") is not None:
+                self._run_to_end(component, "startup")
+            else:
+                found = self._step(component, "run")
+                if found is not None:
+                    component.run = self._spawn(component, found[0])
 
     def remove(self, name: str) -> None:
         """Stop a component as the nucleus does when a deployment drops it: Shutdown, then its processes."""

@@ -131,6 +131,10 @@ def test_checks_catch_what_the_schema_cannot(built: Built) -> None:
         f"artifact {artifact['Uri']}: Digest does not match the SHA-256 of {zip_path}"
     ]
 
+    model = built.recipe(MODEL)
+    model["Manifests"][0]["Lifecycle"]["Run"] = "sleep 1"
+    assert _problems(built, model) == ["a lifecycle has both Startup and Run: the nucleus runs only Startup"]
+
     broken = built.recipe(MODEL)
     del broken["ComponentVersion"]
     broken["Manifests"][0]["Artifacts"][0]["Unarchive"] = "TAR"
