@@ -53,7 +53,7 @@ clean:
 	rm -rf $(VENV) build *.egg-info .pytest_cache .mypy_cache .ruff_cache
 
 # Greengrass components (docs/greengrass.md): make components BUCKET=my-bucket [PREFIX=path]
-# [OFFLINE_ARGS="--offline aarch64 --offline-python 3.10"]
+# [COMPONENT_ARGS="--offline aarch64 --offline-python 3.10 --camera-model my-model:1.0.0"]
 components: setup
 	@test -n "$(BUCKET)" || { echo "usage: make components BUCKET=bucket [PREFIX=prefix]"; exit 2; }
-	$(PY) -m components.build --bucket "$(BUCKET)" --prefix "$(PREFIX)" $(OFFLINE_ARGS)
+	$(PY) -m components.build --bucket "$(BUCKET)" --prefix "$(PREFIX)" $(COMPONENT_ARGS)

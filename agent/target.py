@@ -25,6 +25,8 @@ ARCHES = ("x86_64", "aarch64", "armv7l")
 ACCELERATORS = ("NVIDIA",)
 _GPU_CODE = re.compile(r"^sm_(\d)(\d)$")
 _VERSION = re.compile(r"^\d+\.\d+(\.\d+)?$")
+# The guide's CPU compiler option (e.g. core-avx2); recorded, and no backend depends on it.
+_MCPU = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.+-]*$")
 
 
 @dataclass(frozen=True)
@@ -111,18 +113,18 @@ def parse_target(target: dict[str, Any], where: str) -> CompileTarget:
 def _options(options: Any, where: str) -> dict[str, str]:
     if not isinstance(options, dict):
         raise PackageError(f"{where}: 'compiler_options' must be an object")
-    unknown = set(options) - {"gpu-code", "trt-ver", "cuda-ver"}
+    unknown = set(options) - {"gpu-code", "trt-ver", "cuda-ver", "mcpu"}
     if unknown:
         raise PackageError(
             f"{where}: unknown compiler option(s) {', '.join(sorted(unknown))}; "
-            "known: gpu-code, trt-ver, cuda-ver"
+            "known: gpu-code, trt-ver, cuda-ver, mcpu"
         )
     checked = {}
     for key, value in options.items():
         text = str(value)
-        pattern = _GPU_CODE if key == "gpu-code" else _VERSION
+        pattern = {"gpu-code": _GPU_CODE, "mcpu": _MCPU}.get(key, _VERSION)
         if not pattern.match(text):
-            example = "sm_72" if key == "gpu-code" else "8.2.1"
+            example = {"gpu-code": "sm_72", "mcpu": "core-avx2"}.get(key, "8.2.1")
             raise PackageError(
                 f"{where}: compiler option {key} {value!r} is malformed; expected e.g. {example}"
             )

@@ -2,7 +2,7 @@
 
     python -m components.build --bucket BUCKET [--prefix PREFIX] [--out build/greengrass]
         [--offline x86_64 --offline aarch64 [--offline-python 3.10] [--offline-glibc 2.28]]
-        [--example-client MODEL:VERSION --example-image IMAGE]
+        [--camera-model MODEL:VERSION ...] [--example-client MODEL:VERSION --example-image IMAGE]
 
 writes `OUT/artifacts/<name>/<version>/` (the project's wheel; with --offline, a ZIP of every
 dependency wheel for each architecture, so devices without internet can install) and
@@ -99,8 +99,13 @@ def build_components(
     offline_archs: Sequence[str] = (),
     offline_python: str = DEFAULT_PYTHON,
     offline_glibc: str = DEFAULT_GLIBC,
+    camera_models: Sequence[tuple[str, str]] = (),
 ) -> list[Path]:
-    """Build the agent and camera client components into `out`; return the recipes written."""
+    """Build the agent and camera client components into `out`; return the recipes written.
+
+    `camera_models` (name, version) become HARD dependencies of the camera client, so that
+    Greengrass deploys those model components with it and starts it once their packages are in place.
+    """
     artifacts = out / "artifacts"
     agent_dir = artifacts / AGENT / __version__
     camera_dir = artifacts / CAMERA_CLIENT / __version__
@@ -119,6 +124,11 @@ def build_components(
             if manifest["Platform"]["architecture"] == _BUNDLE_ARCHITECTURES[arch]:
                 manifest["Artifacts"].append({"Uri": bundle.name, "Unarchive": "ZIP"})
     camera = render(load_template(f"{CAMERA_CLIENT}.yaml"), {"VERSION": __version__})
+    for model, version in camera_models:
+        camera["ComponentDependencies"][model] = {
+            "VersionRequirement": f">={version}",
+            "DependencyType": "HARD",
+        }
     return [
         write_recipe(attach_artifacts(recipe, artifacts, bucket, prefix), out / "recipes")
         for recipe in (agent, camera)
@@ -171,11 +181,27 @@ def main(argv: Sequence[str] | None = None) -> int:
         help="also build lookout_edge.ExampleClient for this model component",
     )
     parser.add_argument("--example-image", type=Path, help="the image the example client inspects")
+    parser.add_argument(
+        "--camera-model",
+        action="append",
+        default=[],
+        metavar="MODEL:VERSION",
+        help="a model component the camera client depends on (repeatable)",
+    )
     args = parser.parse_args(argv)
     if bool(args.example_client) != bool(args.example_image) or ":" not in (args.example_client or ":"):
         parser.error("--example-client MODEL:VERSION and --example-image IMAGE go together")
+    if any(":" not in item for item in args.camera_model):
+        parser.error("--camera-model takes MODEL:VERSION")
+    camera_models = [tuple(item.split(":", 1)) for item in args.camera_model]
     recipes = build_components(
-        args.out, args.bucket, args.prefix, args.offline, args.offline_python, args.offline_glibc
+        args.out,
+        args.bucket,
+        args.prefix,
+        args.offline,
+        args.offline_python,
+        args.offline_glibc,
+        camera_models,
     )
     if args.example_client:
         model, version = args.example_client.split(":", 1)

@@ -29,7 +29,7 @@ GREENGRASS_ARCHITECTURES = {"x86_64": "amd64", "aarch64": "aarch64"}
 DEFAULT_MCPU = "core-avx2"  # what the packaging job uses for x86_64 CPUs when none is given
 
 _NVIDIA_OPTIONS = {
-    "gpu-code": (re.compile(r"^sm_\d{2,3}$"), "a GPU code such as sm_75"),
+    "gpu-code": (re.compile(r"^sm_\d\d$"), "a GPU code such as sm_75"),
     "trt-ver": (re.compile(r"^\d+\.\d+\.\d+$"), "a TensorRT version x.y.z such as 8.2.1"),
     "cuda-ver": (re.compile(r"^\d+\.\d+$"), "a CUDA version x.y such as 11.2"),
 }
@@ -51,15 +51,15 @@ class Target:
     device: str | None = None
 
     def to_manifest(self) -> dict[str, Any]:
-        """The `target` object of the package manifest."""
-        record: dict[str, Any] = {
-            "os": self.os,
-            "arch": self.arch,
-            "accelerator": self.accelerator,
-            "compiler_options": dict(self.compiler_options),
-        }
+        """The manifest's `target` object (docs/model-package.md), as agent/target.py reads it."""
         if self.device:
-            record["device"] = self.device
+            return {"device": self.device}
+        platform: dict[str, str] = {"os": self.os, "arch": self.arch}
+        if self.accelerator == "nvidia":
+            platform["accelerator"] = "NVIDIA"
+        record: dict[str, Any] = {"platform": platform}
+        if self.compiler_options:
+            record["compiler_options"] = dict(self.compiler_options)
         return record
 
     def greengrass_platform(self) -> dict[str, str]:
@@ -67,17 +67,10 @@ class Target:
         return {"os": self.os, "architecture": GREENGRASS_ARCHITECTURES[self.arch]}
 
 
-# The target devices of the packaging job. Jetson AGX Xavier runs JetPack 4.4 to 4.6.1, that is
-# TensorRT 7.1.3 or 8.2.1: the agent builds its engine on the device, so trt-ver is not pinned.
-DEVICES = {
-    "jetson_xavier": Target(
-        os="linux",
-        arch="aarch64",
-        accelerator="nvidia",
-        compiler_options={"gpu-code": "sm_72", "cuda-ver": "10.2"},
-        device="jetson_xavier",
-    ),
-}
+# The target devices of the packaging job; the manifest records the device's name alone, and
+# the agent knows its GPU (sm_72). Jetson AGX Xavier runs JetPack 4.4 to 4.6.1, that is TensorRT
+# 7.1.3 or 8.2.1: the agent builds its engine on the device, so no TensorRT version is pinned.
+DEVICES = {"jetson_xavier": Target(os="linux", arch="aarch64", accelerator="nvidia", device="jetson_xavier")}
 
 
 def machine_arch() -> str:

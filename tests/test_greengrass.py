@@ -6,6 +6,7 @@ from __future__ import annotations
 import copy
 import json
 import os
+import platform
 import shutil
 import sys
 import sysconfig
@@ -19,6 +20,7 @@ import pytest
 import yaml
 from PIL import Image
 
+from agent.target import parse_target
 from client.edge_client import EdgeAgentClient
 from components.build import (
     AGENT,
@@ -54,7 +56,7 @@ def built(tmp_path_factory: pytest.TempPathFactory) -> Built:
     """`make components`, `lookout-edge package` and the example client, into one output directory."""
     work = tmp_path_factory.mktemp("greengrass")
     out = work / "out"
-    build_components(out, bucket="test-bucket", prefix="lookout-edge")
+    build_components(out, bucket="test-bucket", prefix="lookout-edge", camera_models=[(MODEL, "1.0.0")])
     write_sample_package(work / "model", "sample", WIDTH, HEIGHT)
     assert (
         main(
@@ -170,11 +172,16 @@ def test_package_records_the_target_and_restricts_the_platform(tmp_path: Path) -
         assert sorted(archive.namelist()) == ["manifest.json", "model.onnx"]
     assert manifest["component_name"] == "gpu_model"
     assert manifest["target"] == {
-        "os": "linux",
-        "arch": "aarch64",
-        "accelerator": "nvidia",
+        "platform": {"os": "linux", "arch": "aarch64", "accelerator": "NVIDIA"},
         "compiler_options": {"gpu-code": "sm_75", "trt-ver": "7.1.3", "cuda-ver": "10.2"},
     }
+    # The agent reads the target to choose its backend.
+    compiled_for = parse_target(manifest["target"], "manifest.json")
+    assert (
+        compiled_for.wants_gpu
+        and compiled_for.compute_capability == (7, 5)
+        and compiled_for.arch == "aarch64"
+    )
 
     assert (
         main(
@@ -192,7 +199,7 @@ def test_package_records_the_target_and_restricts_the_platform(tmp_path: Path) -
         == 0
     )
     with zipfile.ZipFile(tmp_path / "out" / "artifacts" / "xavier" / "1.0.0" / "xavier.zip") as archive:
-        assert json.loads(archive.read("manifest.json"))["target"]["device"] == "jetson_xavier"
+        assert json.loads(archive.read("manifest.json"))["target"] == {"device": "jetson_xavier"}
 
 
 def test_default_version_follows_the_model_version() -> None:
@@ -328,7 +335,9 @@ def test_components_run_their_lifecycles_as_the_nucleus_would(nucleus: Nucleus, 
         agent_work = nucleus.paths(AGENT)["work:path"]
         installed = list((agent_work / "venv" / "lib").glob("python3*/site-packages/lookout_edge/package.py"))
         assert installed, "Install did not put the wheel into the component's virtual environment"
-        assert (agent_work / "models" / MODEL / "manifest.json").is_file()
+        manifest = json.loads((agent_work / "models" / MODEL / "manifest.json").read_text())
+        # By default a model is packaged for this machine's architecture and the CPU.
+        assert manifest["target"]["platform"] == {"os": "linux", "arch": platform.machine()}
 
         client = nucleus.components[EXAMPLE_CLIENT].run
         assert client is not None
@@ -347,19 +356,25 @@ def test_components_run_their_lifecycles_as_the_nucleus_would(nucleus: Nucleus, 
             nucleus.crash_and_restart(AGENT)
             _wait_for(lambda: _statuses(agent) == [(MODEL, "RUNNING")], 30, "the model to run again")
 
-            # The camera client's Run hands its configuration to the daemon as camera.yaml,
-            # with the agent component's socket.
-            cameras = [{"name": "line1", "source": "rtsp://10.0.0.5/stream1", "model": MODEL}]
+            # The camera client runs the camera daemon on the configuration its Run writes: a
+            # folder camera gives one event per image, with the model's verdict.
+            folder = nucleus.root / "camera-folder"
+            folder.mkdir()
+            Image.fromarray(make_image(red=30)).save(folder / "part.png")
+            cameras = [{"name": "line1", "source": str(folder), "model": MODEL}]
             nucleus.deploy([CAMERA_CLIENT], {CAMERA_CLIENT: {**LOCAL_INSTALL, "Cameras": cameras}})
-            camera_yaml = nucleus.paths(CAMERA_CLIENT)["work:path"] / "camera.yaml"
-            _wait_for(camera_yaml.exists, 10, "the camera client's configuration")
-            assert yaml.safe_load(camera_yaml.read_text()) == {
-                "agent": {"socket": socket},
+            camera_work = nucleus.paths(CAMERA_CLIENT)["work:path"]
+            camera_defaults = built.recipes[CAMERA_CLIENT]["ComponentConfiguration"]["DefaultConfiguration"]
+            events = camera_work / "events.jsonl"
+            _wait_for(lambda: events.exists() and events.read_text().endswith("\n"), 30, "a camera event")
+            assert yaml.safe_load((camera_work / "camera.yaml").read_text()) == {
+                "agent": {"socket": socket, "models_dir": str(agent_work / "models")},
+                "state_dir": str(camera_work / "state"),
                 "cameras": cameras,
-                "sinks": built.recipes[CAMERA_CLIENT]["ComponentConfiguration"]["DefaultConfiguration"][
-                    "Sinks"
-                ],
+                "sinks": camera_defaults["Sinks"],
             }
+            event = json.loads(events.read_text().splitlines()[0])
+            assert (event["camera"], event["model"], event["is_anomalous"]) == ("line1", MODEL, True)
             nucleus.remove(CAMERA_CLIENT)
 
             nucleus.remove(EXAMPLE_CLIENT)
