@@ -14,6 +14,7 @@ from __future__ import annotations
 import ctypes
 import ctypes.util
 import logging
+from typing import Any
 
 log = logging.getLogger(__name__)
 
@@ -24,15 +25,26 @@ MMAP_THRESHOLD = 64 << 20
 TRIM_THRESHOLD = 256 << 20
 
 
+def _glibc_function(name: str) -> Any:
+    library = ctypes.util.find_library("c")
+    try:
+        return getattr(ctypes.CDLL(library), name) if library else None
+    except (OSError, AttributeError):
+        return None
+
+
 def recycle_large_buffers() -> bool:
     """Apply the thresholds; returns False where the C library is not glibc (nothing changes)."""
-    name = ctypes.util.find_library("c")
-    try:
-        libc = ctypes.CDLL(name) if name else None
-        mallopt = libc.mallopt if libc is not None else None
-    except (OSError, AttributeError):
-        mallopt = None
+    mallopt = _glibc_function("mallopt")
     if mallopt is None:
         log.info("mallopt is not available; large request buffers are not recycled")
         return False
     return bool(mallopt(M_MMAP_THRESHOLD, MMAP_THRESHOLD)) and bool(mallopt(M_TRIM_THRESHOLD, TRIM_THRESHOLD))
+
+
+def release_free_memory() -> None:
+    """Hand free heap memory back to the kernel (glibc's malloc_trim), e.g. after a model is
+    unloaded: with the raised trim threshold, glibc would otherwise keep it."""
+    trim = _glibc_function("malloc_trim")
+    if trim is not None:
+        trim(0)

@@ -24,6 +24,7 @@ from lookout_edge.protocol import pb2
 
 from .backends import GpuOutOfMemory
 from .errors import FailedPrecondition, ModelNotFound, ResourceExhausted
+from .malloc import release_free_memory
 from .runtime import Inference, OnnxModel
 
 log = logging.getLogger(__name__)
@@ -327,6 +328,7 @@ def _close(model: LoadedModel | None) -> None:
     close = getattr(model, "close", None)
     if close is not None:
         close()
+    release_free_memory()
 
 
 def _memory_in_use(slot: ModelSlot) -> int:

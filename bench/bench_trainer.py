@@ -28,6 +28,7 @@ from PIL import Image
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
+from agent.malloc import recycle_large_buffers  # noqa: E402
 from bench.bench_agent import Agent, summary, timed  # noqa: E402
 from lookout_edge.protocol import pb2  # noqa: E402
 from lookout_edge.shm import OwnedSegment  # noqa: E402
@@ -82,16 +83,23 @@ def latency(
             shm_request.anomaly_mask_params.shared_memory_handle.CopyFrom(
                 pb2.SharedMemoryHandle(name=segment.name, offset=size, size=size)
             )
-            for _ in range(rounds):
-                for image in images:
-                    segment.array(size)[:] = image.reshape(-1)
-                    bytes_request = pb2.DetectAnomaliesRequest(
+            requests = []
+            for image in images:
+                requests.append(
+                    pb2.DetectAnomaliesRequest(
                         model_component="cookies",
                         bitmap=pb2.Bitmap(width=width, height=height, byte_data=image.tobytes()),
                     )
+                )
+            # One path at a time over all images, rotating (see BLOCK in bench_agent.py).
+            for _ in range(rounds):
+                for image in images:
                     times["in_process"].append(timed(lambda: session.run(outputs, {"image": image})))  # noqa: B023
+                for image in images:
+                    segment.array(size)[:] = image.reshape(-1)
                     times["shm"].append(timed(lambda: agent.stub.DetectAnomalies(shm_request)))
-                    times["bytes"].append(timed(lambda: agent.stub.DetectAnomalies(bytes_request)))  # noqa: B023
+                for request in requests:
+                    times["bytes"].append(timed(lambda: agent.stub.DetectAnomalies(request)))  # noqa: B023
     finally:
         agent.close()
     result = {}
@@ -112,6 +120,9 @@ def main() -> int:
     parser.add_argument("--rounds", type=int, default=3, help="passes over the images for latency")
     parser.add_argument("--json", type=Path, default=ROOT / "build" / "bench" / "trainer.json")
     args = parser.parse_args()
+    # The agent recycles large buffers (agent/malloc.py); the in-process baseline gets the same
+    # allocator settings, so that the ratios compare like with like.
+    recycle_large_buffers()
     if not COOKIES.is_dir():
         print(f"the cookies dataset is not at {COOKIES}; nothing to benchmark")
         return 1
