@@ -25,6 +25,7 @@ import threading
 import time
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import grpc
 import numpy as np
@@ -239,6 +240,12 @@ def throughput(agent: Agent, name: str, width: int, height: int, clients: int, c
             segment.close()
 
 
+def save_results(results: dict[str, Any], path: Path) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(results, indent=2) + "\n")
+    print(f"results written to {path}")
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
@@ -329,9 +336,7 @@ def main() -> int:
             f"target {key}: {check['measured']:.3f} <= {check['target']}: "
             + ("met" if check["met"] else "NOT MET")
         )
-    args.json.parent.mkdir(parents=True, exist_ok=True)
-    args.json.write_text(json.dumps(results, indent=2) + "\n")
-    print(f"results written to {args.json}")
+    save_results(results, args.json)
     return 0
 
 

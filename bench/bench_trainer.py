@@ -29,7 +29,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 from agent.malloc import recycle_large_buffers  # noqa: E402
-from bench.bench_agent import Agent, summary, timed  # noqa: E402
+from bench.bench_agent import Agent, save_results, summary, timed  # noqa: E402
 from lookout_edge.protocol import pb2  # noqa: E402
 from lookout_edge.shm import OwnedSegment  # noqa: E402
 
@@ -169,9 +169,7 @@ def main() -> int:
         met = value <= target if op == "<=" else value >= target
         results["targets"][key] = {"measured": value, "target": f"{op} {target}", "met": met}
         print(f"target {key}: {value:.3f} {op} {target}: {'met' if met else 'NOT MET'}")
-    args.json.parent.mkdir(parents=True, exist_ok=True)
-    args.json.write_text(json.dumps(results, indent=2) + "\n")
-    print(f"results written to {args.json}")
+    save_results(results, args.json)
     return 0
 
 
