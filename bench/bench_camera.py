@@ -3,9 +3,9 @@
 An H.264 1080p video file is decoded by the daemon's file source (every frame, as fast as the
 agent answers), so frames/s is the whole path's throughput; capture-to-result latency runs from
 the decoded frame to the result. Beside it, the agent's own DetectAnomalies latency over shared
-memory on the same model and size, measured with the client alone. The model is the rule-based
-sample segmentation model (its inference is cheap, so the figures show the path's overhead);
-pass --package for a trained model package of any size (frames are resized to it).
+memory on the same model and size, measured with the client alone. The model is the trainer's
+graph at 1920x1080 with a 3,000-patch bank (bench/bench_agent.py), so its cost is a trained
+model's; pass --package for a trained model package of any size (frames are resized to it).
 
     python bench/bench_camera.py [--frames N] [--package DIR] [--json OUT]
 """
@@ -28,11 +28,11 @@ import numpy as np
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
+from bench.bench_agent import bench_model_graph  # noqa: E402
 from client.camera.config import parse_config  # noqa: E402
 from client.camera.daemon import CameraDaemon  # noqa: E402
 from client.edge_client import EdgeAgentClient  # noqa: E402
-from lookout_edge.package import read_package  # noqa: E402
-from lookout_edge.sample_models import write_sample_package  # noqa: E402
+from lookout_edge.package import read_package, write_package  # noqa: E402
 
 WIDTH, HEIGHT = 1920, 1080
 
@@ -68,7 +68,7 @@ def main() -> int:
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
     parser.add_argument("--frames", type=int, default=150)
-    parser.add_argument("--package", type=Path, help="a model package to use instead of the sample model")
+    parser.add_argument("--package", type=Path, help="a model package to use instead of the benchmark model")
     parser.add_argument("--json", type=Path, help="also write the figures here")
     args = parser.parse_args()
 
@@ -79,7 +79,13 @@ def main() -> int:
         if args.package:
             shutil.copytree(args.package, models / "model")
         else:
-            write_sample_package(models / "model", "bench-camera", WIDTH, HEIGHT, segmentation=True)
+            manifest = {
+                "component_name": "bench-camera",
+                "model_type": "classification",
+                "image": {"width": WIDTH, "height": HEIGHT},
+                "threshold": 0.5,
+            }
+            write_package(models / "model", manifest, {"model.onnx": bench_model_graph(WIDTH, HEIGHT)})
         package = read_package(models / "model")
         socket = f"unix://{work}/agent.sock"
         agent = subprocess.Popen(
