@@ -15,6 +15,8 @@ import re
 from dataclasses import dataclass, field
 from typing import Any
 
+from agent.target import DEVICES as AGENT_DEVICES
+
 OPERATING_SYSTEMS = ("linux",)
 ARCHITECTURES = {
     "x86_64": "x86_64",
@@ -67,10 +69,14 @@ class Target:
         return {"os": self.os, "architecture": GREENGRASS_ARCHITECTURES[self.arch]}
 
 
-# The target devices of the packaging job; the manifest records the device's name alone, and
-# the agent knows its GPU (sm_72). Jetson AGX Xavier runs JetPack 4.4 to 4.6.1, that is TensorRT
-# 7.1.3 or 8.2.1: the agent builds its engine on the device, so no TensorRT version is pinned.
-DEVICES = {"jetson_xavier": Target(os="linux", arch="aarch64", accelerator="nvidia", device="jetson_xavier")}
+# The target devices of the packaging job, as the agent knows them (agent/target.py holds the
+# one list, with each device's GPU). The manifest records the device's name alone. Jetson AGX
+# Xavier runs JetPack 4.4 to 4.6.1, that is TensorRT 7.1.3 or 8.2.1: the agent builds its engine
+# on the device, so no TensorRT version is pinned.
+DEVICES = {
+    name: Target(os=spec["os"], arch=spec["arch"], accelerator=spec["accelerator"].lower(), device=name)
+    for name, spec in AGENT_DEVICES.items()
+}
 
 
 def machine_arch() -> str:
