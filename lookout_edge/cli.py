@@ -168,6 +168,13 @@ def _add_camera_parser(commands: argparse._SubParsersAction) -> None:
     camera.add_argument("--log-level", default="INFO", help="DEBUG, INFO, WARNING or ERROR")
 
 
+def _log_to_stderr(level: str) -> None:
+    """Timestamped logs on standard error, which Greengrass captures into the component log."""
+    logging.basicConfig(
+        level=level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s", stream=sys.stderr
+    )
+
+
 def _run_camera(args: argparse.Namespace) -> int:
     from client.camera.config import ConfigError, load_config
     from client.camera.daemon import CameraDaemon
@@ -177,11 +184,7 @@ def _run_camera(args: argparse.Namespace) -> int:
     except ConfigError as exc:
         print(f"lookout-edge camera: {exc}", file=sys.stderr)
         return 2
-    logging.basicConfig(
-        level=args.log_level.upper(),
-        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
-        stream=sys.stderr,
-    )
+    _log_to_stderr(args.log_level)
     return CameraDaemon(config).run_until_signalled()
 
 
@@ -211,11 +214,7 @@ def _run_agent(args: argparse.Namespace) -> int:
     except ConfigError as exc:
         print(f"lookout-edge agent: {exc}", file=sys.stderr)
         return 2
-    logging.basicConfig(
-        level=config.log_level.upper(),
-        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
-        stream=sys.stderr,
-    )
+    _log_to_stderr(config.log_level)
     return serve(config)
 
 
