@@ -14,13 +14,14 @@ import json
 import re
 from collections.abc import Iterator, Mapping
 from functools import cache
+from importlib import resources
 from pathlib import Path
 from typing import Any
 
 import yaml
 
 SCHEMA_PATH = Path(__file__).with_name("recipe_schema.json")
-TEMPLATES_DIR = Path(__file__).resolve().parent.parent / "recipes"
+TEMPLATES_DIR = Path(str(resources.files("recipes")))
 _PLACEHOLDER = re.compile(r"@@([A-Z_]+)@@")
 # The nucleus interpolates `{namespace:key}` and `{component:namespace:key}` in lifecycle strings;
 # a component name in a cross-component reference may hold only word characters and dots.
@@ -92,9 +93,7 @@ def attach_artifacts(recipe: dict[str, Any], artifacts_dir: Path, bucket: str, p
 def load_template(filename: str) -> str:
     path = TEMPLATES_DIR / filename
     if not path.is_file():
-        raise RecipeError(
-            f"recipe template {path} not found: build components from a lookout-edge source checkout"
-        )
+        raise RecipeError(f"recipe template {path} not found: the lookout-edge installation is incomplete")
     return path.read_text(encoding="utf-8")
 
 
