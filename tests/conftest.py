@@ -190,3 +190,22 @@ def mapped_regions(pid: int) -> tuple[int, int]:
         lines = maps.read().splitlines()
     files = sum(1 for line in lines if len(line.split()) >= 6 and line.split()[5].startswith("/"))
     return files, len(lines) - files
+
+
+def _openssl(*args: str) -> None:
+    subprocess.run(["openssl", *args], check=True, capture_output=True)
+
+
+@pytest.fixture
+def certificates(tmp_path: Path) -> Path:
+    _openssl("req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "2", "-subj", "/CN=test-ca",
+             "-keyout", str(tmp_path / "ca.key"), "-out", str(tmp_path / "ca.pem"))  # fmt: skip
+    for name, extensions in (("server", "subjectAltName=DNS:localhost,IP:127.0.0.1"), ("client", "")):
+        _openssl("req", "-newkey", "rsa:2048", "-nodes", "-subj", f"/CN={name}",
+                 "-keyout", str(tmp_path / f"{name}.key"), "-out", str(tmp_path / f"{name}.csr"))  # fmt: skip
+        ext_file = tmp_path / f"{name}.ext"
+        ext_file.write_text(extensions + "\n" if extensions else "basicConstraints=CA:FALSE\n")
+        _openssl("x509", "-req", "-in", str(tmp_path / f"{name}.csr"), "-CA", str(tmp_path / "ca.pem"),
+                 "-CAkey", str(tmp_path / "ca.key"), "-CAcreateserial", "-days", "2",
+                 "-extfile", str(ext_file), "-out", str(tmp_path / f"{name}.pem"))  # fmt: skip
+    return tmp_path

@@ -6,7 +6,6 @@ import grp
 import signal
 import socket
 import stat
-import subprocess
 import time
 from pathlib import Path
 
@@ -104,25 +103,6 @@ def test_sigterm_finishes_in_flight_calls(agent_process, models_dir: Path) -> No
     assert agent.process.wait(60) == 0
     assert "error" not in outcome, outcome
     assert not agent.socket_path.exists()
-
-
-def _openssl(*args: str) -> None:
-    subprocess.run(["openssl", *args], check=True, capture_output=True)
-
-
-@pytest.fixture
-def certificates(tmp_path: Path) -> Path:
-    _openssl("req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "2", "-subj", "/CN=test-ca",
-             "-keyout", str(tmp_path / "ca.key"), "-out", str(tmp_path / "ca.pem"))  # fmt: skip
-    for name, extensions in (("server", "subjectAltName=DNS:localhost,IP:127.0.0.1"), ("client", "")):
-        _openssl("req", "-newkey", "rsa:2048", "-nodes", "-subj", f"/CN={name}",
-                 "-keyout", str(tmp_path / f"{name}.key"), "-out", str(tmp_path / f"{name}.csr"))  # fmt: skip
-        ext_file = tmp_path / f"{name}.ext"
-        ext_file.write_text(extensions + "\n" if extensions else "basicConstraints=CA:FALSE\n")
-        _openssl("x509", "-req", "-in", str(tmp_path / f"{name}.csr"), "-CA", str(tmp_path / "ca.pem"),
-                 "-CAkey", str(tmp_path / "ca.key"), "-CAcreateserial", "-days", "2",
-                 "-extfile", str(ext_file), "-out", str(tmp_path / f"{name}.pem"))  # fmt: skip
-    return tmp_path
 
 
 def _free_port() -> int:

@@ -142,3 +142,57 @@ def test_events_survive_a_broker_outage_once_each_in_order(
 def _connectable(port: int) -> bool:
     with socket.socket() as probe:
         return probe.connect_ex(("127.0.0.1", port)) == 0
+
+
+@pytest.mark.skipif(not shutil.which(MOSQUITTO), reason="mosquitto is missing (run make setup)")
+def test_events_over_tls(tmp_path: Path, agent_process, camera_daemon, certificates: Path) -> None:
+    """The sink verifies the broker's certificate against the configured CA and publishes over TLS."""
+    broker = Broker(tmp_path / "broker")
+    tls_port = free_port()
+    with broker.config.open("a") as config:
+        # Started as root, mosquitto would switch to its own user, who cannot read the test's
+        # private key in pytest's private directory; "user root" keeps it as it was started.
+        config.write(
+            f"user root\nlistener {tls_port} 127.0.0.1\ncafile {certificates / 'ca.pem'}\n"
+            f"certfile {certificates / 'server.pem'}\nkeyfile {certificates / 'server.key'}\n"
+        )
+    broker.start()
+    agent = agent_process()
+    agent.wait_ready()
+    folder = tmp_path / "incoming"
+    folder.mkdir()
+    subscriber = None
+    try:
+        wait_for(lambda: _connectable(tls_port), 10, "mosquitto to listen with TLS")
+        subscriber = Subscriber(broker.port)  # the plain listener, for the test's eyes only
+        wait_for(lambda: subscriber.client.is_connected(), 10, "the subscriber to connect")
+        time.sleep(0.3)
+        daemon = camera_daemon(
+            {
+                "agent": {"socket": agent.address},
+                "cameras": [{"name": "tls", "source": str(folder), "model": "seg", "poll_interval": 0.1}],
+                "sinks": [
+                    {
+                        "type": "mqtt",
+                        "host": "127.0.0.1",
+                        "port": tls_port,
+                        "topic": "lookout/{camera}",
+                        "tls": {"ca": str(certificates / "ca.pem")},
+                    }
+                ],
+            }
+        )
+        drop_images(folder, 0, 4)
+        wait_for(lambda: len(subscriber.received()) >= 4, 30, "the events over TLS")
+        sink = f"mqtt:127.0.0.1:{tls_port}"
+        # The status file is rewritten every few seconds.
+        wait_for(
+            lambda: daemon.status()["sinks"][sink]["pending"] == 0, 30, "the status to show nothing pending"
+        )
+        assert daemon.status()["sinks"][sink]["dropped"] == 0
+        assert daemon.stop() == 0
+    finally:
+        if subscriber is not None:
+            subscriber.close()
+        broker.stop()
+    assert [Path(e["source_file"]).name for e in subscriber.received()] == [f"{i:04d}.png" for i in range(4)]
