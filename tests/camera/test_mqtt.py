@@ -61,6 +61,14 @@ class Subscriber:
         self.client.connect("127.0.0.1", port)
         self.client.loop_start()
 
+    @classmethod
+    def connected(cls, port: int) -> Subscriber:
+        """A subscriber whose subscription is in place."""
+        subscriber = cls(port)
+        wait_for(lambda: subscriber.client.is_connected(), 10, "the subscriber to connect")
+        time.sleep(0.3)  # the SUBSCRIBE follows the connection
+        return subscriber
+
     def _on_message(self, _client: Any, _userdata: Any, message: Any) -> None:
         with self._lock:
             self.messages.append(json.loads(message.payload))
@@ -95,9 +103,7 @@ def test_events_survive_a_broker_outage_once_each_in_order(
     subscriber = None
     try:
         wait_for(lambda: _connectable(broker.port), 10, "mosquitto to listen")
-        subscriber = Subscriber(broker.port)
-        wait_for(lambda: subscriber.client.is_connected(), 10, "the subscriber to connect")
-        time.sleep(0.3)  # the subscription is in place
+        subscriber = Subscriber.connected(broker.port)
         daemon = camera_daemon(
             {
                 "agent": {"socket": agent.address},
@@ -164,9 +170,7 @@ def test_events_over_tls(tmp_path: Path, agent_process, camera_daemon, certifica
     subscriber = None
     try:
         wait_for(lambda: _connectable(tls_port), 10, "mosquitto to listen with TLS")
-        subscriber = Subscriber(broker.port)  # the plain listener, for the test's eyes only
-        wait_for(lambda: subscriber.client.is_connected(), 10, "the subscriber to connect")
-        time.sleep(0.3)
+        subscriber = Subscriber.connected(broker.port)  # the plain listener, for the test's eyes only
         daemon = camera_daemon(
             {
                 "agent": {"socket": agent.address},
