@@ -192,6 +192,10 @@ class CameraDaemon:
     def camera(self, name: str) -> dict[str, Any]:
         return self.status().get("cameras", {}).get(name, {})
 
+    def sink(self, name: str) -> dict[str, Any]:
+        """The sink's counters, or {} until the daemon has first written its status."""
+        return self.status().get("sinks", {}).get(name, {})
+
     def log(self) -> str:
         return self.log_path.read_text() if self.log_path.exists() else ""
 

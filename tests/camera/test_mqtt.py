@@ -23,27 +23,39 @@ MOSQUITTO = "/usr/sbin/mosquitto"
 
 
 class Broker:
-    """mosquitto on a loopback port, persisting sessions to disk across restarts."""
+    """mosquitto on a loopback port, persisting sessions to disk across restarts.
+
+    Started as root, mosquitto switches to its own user, who can neither write the persistence
+    file nor read the test's keys in pytest's private directory; "user root" keeps it as it was
+    started (a broker started by anyone else ignores the line)."""
 
     def __init__(self, root: Path) -> None:
         self.port = free_port()
         root.mkdir()
+        self.root = root
         self.config = root / "mosquitto.conf"
         self.config.write_text(
-            f"listener {self.port} 127.0.0.1\nallow_anonymous true\n"
+            f"user root\nlistener {self.port} 127.0.0.1\nallow_anonymous true\n"
             f"persistence true\npersistence_location {root}/\n"
         )
         self.process: subprocess.Popen[bytes] | None = None
 
     def start(self) -> None:
-        self.process = subprocess.Popen(
-            [MOSQUITTO, "-c", str(self.config)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
-        )
+        with (self.root / "mosquitto.log").open("ab") as log:
+            self.process = subprocess.Popen(
+                [MOSQUITTO, "-c", str(self.config)], stdout=subprocess.DEVNULL, stderr=log
+            )
 
     def stop(self) -> None:
         if self.process is not None and self.process.poll() is None:
             self.process.terminate()  # writes the persistence file
             self.process.wait(10)
+
+    def saved_sessions(self) -> bool:
+        return (self.root / "mosquitto.db").exists()
+
+    def log(self) -> str:
+        return (self.root / "mosquitto.log").read_text()
 
 
 class Subscriber:
@@ -119,21 +131,25 @@ def test_events_survive_a_broker_outage_once_each_in_order(
         wait_for(lambda: len(subscriber.received()) >= 10, 30, "the first events")
 
         broker.stop()
+        # Without the subscriber's saved session, whatever the sink publishes before the
+        # subscriber is back would be lost, and the test would only pass by luck.
+        assert broker.saved_sessions(), broker.log()
         drop_images(folder, 10, 15)
         sink = f"mqtt:127.0.0.1:{broker.port}"
 
-        def spooled() -> bool:
-            sinks = daemon.status().get("sinks", {})
-            return sinks.get(sink, {}).get("pending", 0) >= 15
-
-        wait_for(spooled, 30, "events to be spooled while the broker is down")
+        wait_for(
+            lambda: daemon.sink(sink).get("pending", 0) >= 15,
+            30,
+            "events to be spooled while the broker is down",
+        )
         time.sleep(2.0)  # down for a while: several failed deliveries
         broker.start()
         drop_images(folder, 25, 5)
         wait_for(lambda: len(subscriber.received()) >= 30, 60, "every event after the broker came back")
         time.sleep(1.0)  # any duplicate would arrive now
-        status = daemon.status()["sinks"][sink]
-        assert status["failures"] >= 1 and status["dropped"] == 0 and status["pending"] == 0
+        wait_for(lambda: daemon.sink(sink).get("pending") == 0, 10, "the status to show an empty spool")
+        status = daemon.sink(sink)
+        assert status["failures"] >= 1 and status["dropped"] == 0
         assert daemon.stop() == 0
     finally:
         if subscriber is not None:
@@ -156,10 +172,8 @@ def test_events_over_tls(tmp_path: Path, agent_process, camera_daemon, certifica
     broker = Broker(tmp_path / "broker")
     tls_port = free_port()
     with broker.config.open("a") as config:
-        # Started as root, mosquitto would switch to its own user, who cannot read the test's
-        # private key in pytest's private directory; "user root" keeps it as it was started.
         config.write(
-            f"user root\nlistener {tls_port} 127.0.0.1\ncafile {certificates / 'ca.pem'}\n"
+            f"listener {tls_port} 127.0.0.1\ncafile {certificates / 'ca.pem'}\n"
             f"certfile {certificates / 'server.pem'}\nkeyfile {certificates / 'server.key'}\n"
         )
     broker.start()
@@ -190,10 +204,8 @@ def test_events_over_tls(tmp_path: Path, agent_process, camera_daemon, certifica
         wait_for(lambda: len(subscriber.received()) >= 4, 30, "the events over TLS")
         sink = f"mqtt:127.0.0.1:{tls_port}"
         # The status file is rewritten every few seconds.
-        wait_for(
-            lambda: daemon.status()["sinks"][sink]["pending"] == 0, 30, "the status to show nothing pending"
-        )
-        assert daemon.status()["sinks"][sink]["dropped"] == 0
+        wait_for(lambda: daemon.sink(sink).get("pending") == 0, 30, "the status to show nothing pending")
+        assert daemon.sink(sink)["dropped"] == 0
         assert daemon.stop() == 0
     finally:
         if subscriber is not None:
