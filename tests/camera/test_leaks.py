@@ -12,7 +12,7 @@ from lookout_edge.shm import SHM_DIR
 from tests.camera.conftest import MjpegServer, read_events, wait_for
 from tests.conftest import HEIGHT, WIDTH, make_image, open_fds
 
-CAMERA = "leakcheck"
+CAMERA = f"leakcheck-{os.getpid()}"  # its own segment names, even beside another test run
 
 
 def segments() -> list[str]:
