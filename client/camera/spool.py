@@ -2,7 +2,8 @@
 
 Network sinks put every event here first and deliver from the head, removing an event only
 once the other side acknowledged it: an outage, or a restart during one, loses nothing and
-keeps the order. When the spool is full the oldest event is dropped and counted.
+keeps the order. Each event is on disk (fsync) before `append` returns, so a power cut loses
+no accepted event either. When the spool is full the oldest event is dropped and counted.
 """
 
 from __future__ import annotations
@@ -36,14 +37,26 @@ class Spool:
         with self._lock:
             sequence = self._next
             self._next += 1
-            temporary = self._directory / f".{sequence}.tmp"
-            temporary.write_bytes(payload)
-            os.replace(temporary, self._path(sequence))
+            self._write_durably(sequence, payload)
             self._queue.append(sequence)
             while len(self._queue) > self._max_events:
                 self._remove(self._queue.popleft())
                 self.dropped += 1
             self._available.notify_all()
+
+    def _write_durably(self, sequence: int, payload: bytes) -> None:
+        """Write, flush to disk, then rename: after a power cut an event is whole or absent."""
+        temporary = self._directory / f".{sequence}.tmp"
+        with temporary.open("wb") as file:
+            file.write(payload)
+            file.flush()
+            os.fsync(file.fileno())
+        os.replace(temporary, self._path(sequence))
+        directory = os.open(self._directory, os.O_RDONLY)
+        try:
+            os.fsync(directory)  # the rename itself
+        finally:
+            os.close(directory)
 
     def wait(self, timeout: float) -> None:
         """Return when an event is there, `wake` was called or `timeout` passed."""
