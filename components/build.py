@@ -35,6 +35,9 @@ WHEEL_NAME = f"lookout_edge-{__version__}-py3-none-any.whl"
 _BUNDLE_ARCHITECTURES = {"x86_64": "amd64", "aarch64": "aarch64"}
 DEFAULT_PYTHON = f"{sys.version_info.major}.{sys.version_info.minor}"
 DEFAULT_GLIBC = "2.28"
+# An offline bundle carries what both components install: the agent's dependencies and the
+# camera client's extras. The gpu and tensorrt extras are not bundled (see docs/greengrass.md).
+BUNDLED_EXTRAS = "camera,greengrass"
 
 
 def build_wheel(destination: Path) -> Path:
@@ -71,7 +74,8 @@ def pip_platforms(arch: str, glibc: str) -> list[str]:
 
 
 def build_offline_bundle(wheel: Path, destination: Path, arch: str, python_version: str, glibc: str) -> Path:
-    """A ZIP of every dependency wheel for devices of one architecture, Python version and glibc.
+    """A ZIP of every wheel the agent and the camera client need on devices of one architecture,
+    Python version and glibc.
 
     pip downloads binary wheels only (`--only-binary=:all:`), so the bundle installs with
     `pip install --no-index` on a device without a compiler or internet access.
@@ -83,7 +87,7 @@ def build_offline_bundle(wheel: Path, destination: Path, arch: str, python_versi
         command += ["--dest", scratch, "--python-version", python_version]
         for tag in pip_platforms(arch, glibc):
             command += ["--platform", tag]
-        subprocess.run([*command, str(wheel)], check=True)
+        subprocess.run([*command, f"{wheel}[{BUNDLED_EXTRAS}]"], check=True)
         archive = destination / f"lookout-edge-wheels-{arch}.zip"
         with zipfile.ZipFile(archive, "w", compression=zipfile.ZIP_STORED) as bundle:
             for path in sorted(Path(scratch).iterdir()):

@@ -8,6 +8,7 @@ import json
 import os
 import platform
 import shutil
+import subprocess
 import sys
 import sysconfig
 import time
@@ -395,6 +396,47 @@ def _statuses(agent: EdgeAgentClient) -> list[tuple[str, str]]:
         return [(m.name, m.status) for m in agent.list_models()]
     except Exception:  # the agent is restarting
         return [("unreachable", "")]
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(platform.machine() not in ("x86_64", "aarch64"), reason="no offline bundle for this CPU")
+def test_offline_bundle_installs_agent_and_camera_client_without_an_index(
+    built: Built, tmp_path: Path
+) -> None:
+    """The real bundle for this machine, downloaded from the package index as `make components`
+    does; then Install runs with no index and no pip configuration, so every wheel the agent and
+    the camera client install must come from the bundle."""
+    out = tmp_path / "out"
+    shutil.copytree(built.out, out)
+    build_components(out, "test-bucket", "lookout-edge", offline_archs=[platform.machine()])
+    env = {"PATH": os.environ["PATH"], "HOME": str(tmp_path), "PIP_CONFIG_FILE": os.devnull}
+    nucleus = Nucleus(tmp_path / "greengrass", out / "recipes", out / "artifacts", env)
+    sock_dir = short_tmpdir()
+    socket = f"unix://{sock_dir}/agent.sock"
+    folder = tmp_path / "camera-folder"
+    folder.mkdir()
+    Image.fromarray(make_image(red=30)).save(folder / "part.png")
+    try:
+        nucleus.deploy(
+            [MODEL, CAMERA_CLIENT],
+            {
+                AGENT: {"Socket": socket, "StartModels": MODEL, "PythonCommand": sys.executable},
+                CAMERA_CLIENT: {
+                    "PythonCommand": sys.executable,
+                    "Cameras": [{"name": "line1", "source": str(folder), "model": MODEL}],
+                },
+            },
+        )
+        events = nucleus.paths(CAMERA_CLIENT)["work:path"] / "events.jsonl"
+        _wait_for(lambda: events.exists() and events.read_text().endswith("\n"), 60, "a camera event")
+        event = json.loads(events.read_text().splitlines()[0])
+        assert (event["camera"], event["is_anomalous"]) == ("line1", True)
+        camera_python = nucleus.paths(CAMERA_CLIENT)["work:path"] / "venv" / "bin" / "python"
+        imports = "import av, paho.mqtt.client, awsiot.greengrasscoreipc"
+        subprocess.run([str(camera_python), "-c", imports], check=True, env=env)
+    finally:
+        nucleus.stop_all()
+        shutil.rmtree(sock_dir, ignore_errors=True)
 
 
 def test_offline_bundles_ask_pip_for_every_manylinux_level_the_device_can_run() -> None:
