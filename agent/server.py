@@ -20,7 +20,7 @@ from lookout_edge.protocol import pb2_grpc
 
 from .backends import BackendSelector
 from .config import AgentConfig
-from .malloc import recycle_large_buffers
+from .malloc import tune_malloc
 from .models import ModelRegistry
 from .service import EdgeAgentServicer
 
@@ -154,7 +154,7 @@ class AgentServer:
 
 def serve(config: AgentConfig) -> int:
     """Run the agent until SIGTERM or SIGINT; returns the process exit status."""
-    recycle_large_buffers()
+    tune_malloc()
     agent = AgentServer(config)
     try:
         agent.start()

@@ -34,7 +34,7 @@ import onnxruntime as ort
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from agent.malloc import recycle_large_buffers  # noqa: E402
+from agent.malloc import tune_malloc  # noqa: E402
 from lookout_edge.package import read_package, write_package  # noqa: E402
 from lookout_edge.protocol import pb2, pb2_grpc  # noqa: E402
 from lookout_edge.shm import OwnedSegment  # noqa: E402
@@ -261,7 +261,7 @@ def main() -> int:
     args = parser.parse_args()
     # The agent recycles large buffers (agent/malloc.py); the in-process baseline gets the same
     # allocator settings, so that the ratios compare like with like.
-    recycle_large_buffers()
+    tune_malloc()
     scale = 0.2 if args.quick else 1.0
     work = Path(tempfile.mkdtemp(prefix="le-bench-", dir="/tmp"))
     results: dict = {

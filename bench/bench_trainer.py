@@ -28,7 +28,7 @@ from PIL import Image
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from agent.malloc import recycle_large_buffers  # noqa: E402
+from agent.malloc import tune_malloc  # noqa: E402
 from bench.bench_agent import Agent, save_results, summary, timed  # noqa: E402
 from lookout_edge.protocol import pb2  # noqa: E402
 from lookout_edge.shm import OwnedSegment  # noqa: E402
@@ -122,7 +122,7 @@ def main() -> int:
     args = parser.parse_args()
     # The agent recycles large buffers (agent/malloc.py); the in-process baseline gets the same
     # allocator settings, so that the ratios compare like with like.
-    recycle_large_buffers()
+    tune_malloc()
     if not COOKIES.is_dir():
         print(f"the cookies dataset is not at {COOKIES}; nothing to benchmark")
         return 1

@@ -65,8 +65,8 @@ def test_missing_config_file(tmp_path: Path) -> None:
 def test_large_buffers_are_recycled_on_glibc() -> None:
     import platform
 
-    from agent.malloc import recycle_large_buffers
+    from agent.malloc import tune_malloc
 
     if platform.libc_ver()[0] != "glibc":
         pytest.skip("mallopt is glibc's")
-    assert recycle_large_buffers() is True
+    assert tune_malloc() is True
