@@ -41,6 +41,17 @@ def wait_for(condition: Callable[[], Any], timeout: float, what: str) -> Any:
     raise AssertionError(f"timed out after {timeout} s waiting for {what}")
 
 
+def folder_camera_config(
+    agent_address: str, name: str, folder: Path, sinks: list[dict[str, Any]]
+) -> dict[str, Any]:
+    """A daemon configuration with one camera watching `folder` (model "seg") and `sinks`."""
+    return {
+        "agent": {"socket": agent_address},
+        "cameras": [{"name": name, "source": str(folder), "model": "seg", "poll_interval": 0.1}],
+        "sinks": sinks,
+    }
+
+
 class RtspServer:
     """Debian's GStreamer RTSP server (tests/camera/rtsp_server.py) in its own process."""
 

@@ -13,7 +13,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from tests.camera.conftest import wait_for
+from tests.camera.conftest import folder_camera_config, wait_for
 from tests.camera.eventstream_server import IpcServer
 from tests.conftest import HEIGHT, make_image, short_tmpdir
 
@@ -34,19 +34,12 @@ def test_events_reach_local_pubsub_and_iot_core_through_real_ipc_client(
     for index in range(4):
         Image.fromarray(np.asarray(make_image(red=HEIGHT if index == 2 else 0))).save(folder / f"{index}.png")
     try:
-        daemon = camera_daemon(
-            {
-                "agent": {"socket": agent.address},
-                "cameras": [{"name": "cell7", "source": str(folder), "model": "seg", "poll_interval": 0.1}],
-                "sinks": [
-                    {
-                        "type": "greengrass",
-                        "topic": "lookout/{camera}/events",
-                        "iot_core_topic": "factory/{camera}/{model}",
-                    }
-                ],
-            }
-        )
+        sink_settings = {
+            "type": "greengrass",
+            "topic": "lookout/{camera}/events",
+            "iot_core_topic": "factory/{camera}/{model}",
+        }
+        daemon = camera_daemon(folder_camera_config(agent.address, "cell7", folder, [sink_settings]))
         wait_for(lambda: len(server.requests()) >= 8, 30, "8 IPC publishes")
         assert daemon.stop() == 0
     finally:

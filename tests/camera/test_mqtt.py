@@ -16,7 +16,7 @@ import paho.mqtt.client as mqtt
 import pytest
 from PIL import Image
 
-from tests.camera.conftest import free_port, wait_for
+from tests.camera.conftest import folder_camera_config, free_port, wait_for
 from tests.conftest import HEIGHT, make_image
 
 MOSQUITTO = "/usr/sbin/mosquitto"
@@ -116,17 +116,13 @@ def test_events_survive_a_broker_outage_once_each_in_order(
     try:
         wait_for(lambda: _connectable(broker.port), 10, "mosquitto to listen")
         subscriber = Subscriber.connected(broker.port)
-        daemon = camera_daemon(
-            {
-                "agent": {"socket": agent.address},
-                "cameras": [
-                    {"name": "bench", "source": str(folder), "model": "seg", "poll_interval": 0.1},
-                ],
-                "sinks": [
-                    {"type": "mqtt", "host": "127.0.0.1", "port": broker.port, "topic": "lookout/{camera}"}
-                ],
-            }
-        )
+        sink_settings = {
+            "type": "mqtt",
+            "host": "127.0.0.1",
+            "port": broker.port,
+            "topic": "lookout/{camera}",
+        }
+        daemon = camera_daemon(folder_camera_config(agent.address, "bench", folder, [sink_settings]))
         drop_images(folder, 0, 10)
         wait_for(lambda: len(subscriber.received()) >= 10, 30, "the first events")
 
@@ -185,21 +181,14 @@ def test_events_over_tls(tmp_path: Path, agent_process, camera_daemon, certifica
     try:
         wait_for(lambda: _connectable(tls_port), 10, "mosquitto to listen with TLS")
         subscriber = Subscriber.connected(broker.port)  # the plain listener, for the test's eyes only
-        daemon = camera_daemon(
-            {
-                "agent": {"socket": agent.address},
-                "cameras": [{"name": "tls", "source": str(folder), "model": "seg", "poll_interval": 0.1}],
-                "sinks": [
-                    {
-                        "type": "mqtt",
-                        "host": "127.0.0.1",
-                        "port": tls_port,
-                        "topic": "lookout/{camera}",
-                        "tls": {"ca": str(certificates / "ca.pem")},
-                    }
-                ],
-            }
-        )
+        sink_settings = {
+            "type": "mqtt",
+            "host": "127.0.0.1",
+            "port": tls_port,
+            "topic": "lookout/{camera}",
+            "tls": {"ca": str(certificates / "ca.pem")},
+        }
+        daemon = camera_daemon(folder_camera_config(agent.address, "tls", folder, [sink_settings]))
         drop_images(folder, 0, 4)
         wait_for(lambda: len(subscriber.received()) >= 4, 30, "the events over TLS")
         sink = f"mqtt:127.0.0.1:{tls_port}"
