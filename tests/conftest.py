@@ -21,10 +21,31 @@ from agent.server import AgentServer
 from client.edge_client import EdgeAgentClient
 from lookout_edge.protocol import pb2, pb2_grpc
 from lookout_edge.sample_models import write_sample_package
+from lookout_edge.shm import OwnedSegment
 
 ROOT = Path(__file__).resolve().parent.parent
 # Small images keep the tests fast; 64 px is the API's minimum side.
 WIDTH, HEIGHT = 128, 96
+IMAGE_BYTES = WIDTH * HEIGHT * 3
+
+
+def shm_request(
+    model: str,
+    segment: OwnedSegment,
+    offset: int = 0,
+    size: int = IMAGE_BYTES,
+    mask_offset: int | None = None,
+) -> pb2.DetectAnomaliesRequest:
+    """A WIDTH x HEIGHT image in `segment` at `offset`; with `mask_offset`, the mask goes there too."""
+    handle = pb2.SharedMemoryHandle(name=segment.name, offset=offset, size=size)
+    request = pb2.DetectAnomaliesRequest(
+        model_component=model, bitmap=pb2.Bitmap(width=WIDTH, height=HEIGHT, shared_memory_handle=handle)
+    )
+    if mask_offset is not None:
+        request.anomaly_mask_params.shared_memory_handle.CopyFrom(
+            pb2.SharedMemoryHandle(name=segment.name, offset=mask_offset, size=IMAGE_BYTES)
+        )
+    return request
 
 
 def short_tmpdir() -> Path:

@@ -10,24 +10,13 @@ from lookout_edge.protocol import pb2
 from lookout_edge.sample_models import SAMPLE_THRESHOLD
 from lookout_edge.shm import SHM_DIR, OwnedSegment
 
-from .conftest import HEIGHT, WIDTH, RunningAgent, make_image
-
-IMAGE_BYTES = WIDTH * HEIGHT * 3
+from .conftest import HEIGHT, IMAGE_BYTES, WIDTH, RunningAgent, make_image, shm_request
 
 
 def bytes_request(model: str, image: np.ndarray) -> pb2.DetectAnomaliesRequest:
     height, width = image.shape[:2]
     return pb2.DetectAnomaliesRequest(
         model_component=model, bitmap=pb2.Bitmap(width=width, height=height, byte_data=image.tobytes())
-    )
-
-
-def shm_request(
-    model: str, segment: OwnedSegment, offset: int = 0, size: int = IMAGE_BYTES
-) -> pb2.DetectAnomaliesRequest:
-    handle = pb2.SharedMemoryHandle(name=segment.name, offset=offset, size=size)
-    return pb2.DetectAnomaliesRequest(
-        model_component=model, bitmap=pb2.Bitmap(width=WIDTH, height=HEIGHT, shared_memory_handle=handle)
     )
 
 
@@ -96,10 +85,7 @@ def test_shared_memory_input_and_mask(agent: RunningAgent) -> None:
     image = make_image(red=6)
     with OwnedSegment.create(4096 + 2 * IMAGE_BYTES) as segment:
         segment.array()[4096 : 4096 + IMAGE_BYTES] = image.reshape(-1)
-        request = shm_request("seg", segment, offset=4096)
-        request.anomaly_mask_params.shared_memory_handle.CopyFrom(
-            pb2.SharedMemoryHandle(name=segment.name, offset=4096 + IMAGE_BYTES, size=IMAGE_BYTES)
-        )
+        request = shm_request("seg", segment, offset=4096, mask_offset=4096 + IMAGE_BYTES)
         result = agent.stub.DetectAnomalies(request).detect_anomaly_result
         assert result.is_anomalous
         handle = result.anomaly_mask.shared_memory_handle
@@ -186,10 +172,7 @@ def test_bad_requests_get_documented_codes(agent: RunningAgent) -> None:
         expect_error(agent, missing, invalid, "does not exist")
         expect_error(agent, shm_request("cls", segment, offset=11), invalid, "reaches past its end")
         expect_error(agent, shm_request("cls", segment, size=IMAGE_BYTES - 3), invalid, "size is")
-        bad_mask = shm_request("seg", segment)
-        bad_mask.anomaly_mask_params.shared_memory_handle.CopyFrom(
-            pb2.SharedMemoryHandle(name=segment.name, offset=IMAGE_BYTES, size=IMAGE_BYTES)
-        )
+        bad_mask = shm_request("seg", segment, mask_offset=IMAGE_BYTES)
         expect_error(agent, bad_mask, invalid, "anomaly_mask_params", "reaches past its end")
         wrong_mask_size = shm_request("seg", segment)
         wrong_mask_size.anomaly_mask_params.shared_memory_handle.CopyFrom(

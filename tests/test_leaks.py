@@ -10,7 +10,7 @@ import grpc
 from lookout_edge.protocol import pb2, pb2_grpc
 from lookout_edge.shm import SHM_DIR, OwnedSegment
 
-from .conftest import HEIGHT, WIDTH, AgentProcess, make_image, mapped_regions, open_fds
+from .conftest import IMAGE_BYTES, WIDTH, AgentProcess, make_image, mapped_regions, open_fds, shm_request
 
 CALLS = 10_000
 WORKERS = 8
@@ -21,7 +21,7 @@ def test_ten_thousand_shared_memory_calls(agent_process, models_dir: Path) -> No
         "--start-model", "seg", "--workers", str(WORKERS), "--queue-size", str(WORKERS)
     )
     agent.wait_ready()
-    size = WIDTH * HEIGHT * 3
+    size = IMAGE_BYTES
     with OwnedSegment.create(2 * size) as segment, grpc.insecure_channel(agent.address) as channel:
         stub = pb2_grpc.EdgeAgentStub(channel)
         while (
@@ -29,17 +29,7 @@ def test_ten_thousand_shared_memory_calls(agent_process, models_dir: Path) -> No
         ):
             pass
         segment.array()[:size] = make_image(red=4).reshape(-1)
-        request = pb2.DetectAnomaliesRequest(
-            model_component="seg",
-            bitmap=pb2.Bitmap(
-                width=WIDTH,
-                height=HEIGHT,
-                shared_memory_handle=pb2.SharedMemoryHandle(name=segment.name, size=size),
-            ),
-        )
-        request.anomaly_mask_params.shared_memory_handle.CopyFrom(
-            pb2.SharedMemoryHandle(name=segment.name, offset=size, size=size)
-        )
+        request = shm_request("seg", segment, mask_offset=size)
         # Warm up with concurrent calls so that every gRPC worker thread exists, with its
         # stack and malloc arena: the pool grows lazily, which is not a leak.
         warm_up = [threading.Thread(target=lambda: [stub.DetectAnomalies(request) for _ in range(300)])
