@@ -35,9 +35,10 @@ WHEEL_NAME = f"lookout_edge-{__version__}-py3-none-any.whl"
 _BUNDLE_ARCHITECTURES = {"x86_64": "amd64", "aarch64": "aarch64"}
 DEFAULT_PYTHON = f"{sys.version_info.major}.{sys.version_info.minor}"
 DEFAULT_GLIBC = "2.28"
-# An offline bundle carries what both components install: the agent's dependencies and the
-# camera client's extras. The gpu and tensorrt extras are not bundled (see docs/greengrass.md).
-BUNDLED_EXTRAS = "camera,greengrass"
+# The extras the camera client installs. An offline bundle carries what both components
+# install: the agent's dependencies and these. The gpu and tensorrt extras are not bundled
+# (see docs/greengrass.md).
+CAMERA_CLIENT_EXTRAS = "camera,greengrass"
 
 
 def build_wheel(destination: Path) -> Path:
@@ -87,7 +88,7 @@ def build_offline_bundle(wheel: Path, destination: Path, arch: str, python_versi
         command += ["--dest", scratch, "--python-version", python_version]
         for tag in pip_platforms(arch, glibc):
             command += ["--platform", tag]
-        subprocess.run([*command, f"{wheel}[{BUNDLED_EXTRAS}]"], check=True)
+        subprocess.run([*command, f"{wheel}[{CAMERA_CLIENT_EXTRAS}]"], check=True)
         archive = destination / f"lookout-edge-wheels-{arch}.zip"
         with zipfile.ZipFile(archive, "w", compression=zipfile.ZIP_STORED) as bundle:
             for path in sorted(Path(scratch).iterdir()):
@@ -127,7 +128,9 @@ def build_components(
         for arch, bundle in zip(offline_archs, bundles, strict=True):
             if manifest["Platform"]["architecture"] == _BUNDLE_ARCHITECTURES[arch]:
                 manifest["Artifacts"].append({"Uri": bundle.name, "Unarchive": "ZIP"})
-    camera = render(load_template(f"{CAMERA_CLIENT}.yaml"), {"VERSION": __version__})
+    camera = render(
+        load_template(f"{CAMERA_CLIENT}.yaml"), {"VERSION": __version__, "EXTRAS": CAMERA_CLIENT_EXTRAS}
+    )
     for model, version in camera_models:
         camera["ComponentDependencies"][model] = {
             "VersionRequirement": f">={version}",
