@@ -42,7 +42,7 @@ test: lint
 	$(BIN)/pytest
 
 demo: setup
-	$(PY) -m lookout_edge.demo
+	$(PY) -m lookout_edge.cli.demo
 
 bench: setup
 	$(PY) bench/bench_agent.py $(BENCH_ARGS)
@@ -56,4 +56,4 @@ clean:
 # [COMPONENT_ARGS="--offline aarch64 --offline-python 3.10 --camera-model my-model:1.0.0"]
 components: setup
 	@test -n "$(BUCKET)" || { echo "usage: make components BUCKET=bucket [PREFIX=prefix]"; exit 2; }
-	$(PY) -m components.build --bucket "$(BUCKET)" --prefix "$(PREFIX)" $(COMPONENT_ARGS)
+	$(PY) -m lookout_edge.components.build --bucket "$(BUCKET)" --prefix "$(PREFIX)" $(COMPONENT_ARGS)

@@ -34,7 +34,7 @@ import onnxruntime as ort
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from agent.malloc import tune_malloc  # noqa: E402
+from lookout_edge.agent.malloc import tune_malloc  # noqa: E402
 from lookout_edge.package import read_package, write_package  # noqa: E402
 from lookout_edge.protocol import pb2, pb2_grpc  # noqa: E402
 from lookout_edge.shm import OwnedSegment  # noqa: E402
@@ -53,9 +53,9 @@ def bench_model_graph(width: int, height: int) -> bytes:
     """A classification graph exactly as the trainer exports it (EfficientNet-Lite0 features,
     nearest-neighbour search in a 3,000-patch memory bank, blur, calibration), with a random
     bank: the cost of a trained model without training one per resolution."""
-    from trainer.export import TrainedModel, build_model_graph
-    from trainer.features import layout_for
-    from trainer.weights import load_pretrained_weights
+    from lookout_edge.trainer.export import TrainedModel, build_model_graph
+    from lookout_edge.trainer.features import layout_for
+    from lookout_edge.trainer.weights import load_pretrained_weights
 
     layout = layout_for(height, width)
     bank = np.random.default_rng(0).standard_normal((3000, layout.channels)).astype(np.float32)

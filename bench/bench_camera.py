@@ -29,9 +29,9 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 from bench.bench_agent import bench_model_graph  # noqa: E402
-from client.camera.config import parse_config  # noqa: E402
-from client.camera.daemon import CameraDaemon  # noqa: E402
-from client.edge_client import EdgeAgentClient  # noqa: E402
+from lookout_edge.client.camera.config import parse_config  # noqa: E402
+from lookout_edge.client.camera.daemon import CameraDaemon  # noqa: E402
+from lookout_edge.client.edge_client import EdgeAgentClient  # noqa: E402
 from lookout_edge.package import read_package, write_package  # noqa: E402
 
 WIDTH, HEIGHT = 1920, 1080

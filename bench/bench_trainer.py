@@ -28,8 +28,8 @@ from PIL import Image
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from agent.malloc import tune_malloc  # noqa: E402
 from bench.bench_agent import Agent, save_results, summary, timed  # noqa: E402
+from lookout_edge.agent.malloc import tune_malloc  # noqa: E402
 from lookout_edge.protocol import pb2  # noqa: E402
 from lookout_edge.shm import OwnedSegment  # noqa: E402
 

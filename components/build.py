@@ -1,6 +1,6 @@
 """`make components`: the agent and camera client components, ready to publish.
 
-    python -m components.build --bucket BUCKET [--prefix PREFIX] [--out build/greengrass]
+    python -m lookout_edge.components.build --bucket BUCKET [--prefix PREFIX] [--out build/greengrass]
         [--offline x86_64 --offline aarch64 [--offline-python 3.10] [--offline-glibc 2.28]]
         [--camera-model MODEL:VERSION ...] [--example-client MODEL:VERSION --example-image IMAGE]
 
@@ -158,7 +158,7 @@ def build_example_client(
 
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
-        prog="python -m components.build",
+        prog="python -m lookout_edge.components.build",
         description=__doc__,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )

@@ -21,7 +21,7 @@ from typing import Any
 import yaml
 
 SCHEMA_PATH = Path(__file__).with_name("recipe_schema.json")
-TEMPLATES_DIR = Path(str(resources.files("recipes")))
+TEMPLATES_DIR = Path(str(resources.files("lookout_edge") / "recipes"))
 _PLACEHOLDER = re.compile(r"@@([A-Z_]+)@@")
 # The nucleus interpolates `{namespace:key}` and `{component:namespace:key}` in lifecycle strings;
 # a component name in a cross-component reference may hold only word characters and dots.

@@ -15,7 +15,7 @@ import re
 from dataclasses import dataclass, field
 from typing import Any
 
-from agent.target import DEVICES as AGENT_DEVICES
+from lookout_edge.agent.target import DEVICES as AGENT_DEVICES
 
 OPERATING_SYSTEMS = ("linux",)
 ARCHITECTURES = {

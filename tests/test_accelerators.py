@@ -14,15 +14,15 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from agent.backends import BackendSelector, Environment, GpuOutOfMemory
-from agent.cuda import GpuInfo
-from agent.engine_cache import EngineCache, EngineKey
-from agent.errors import ResourceExhausted
-from agent.models import FAILED, RUNNING, STOPPED, ModelRegistry
-from agent.runtime import Inference, OnnxModel
-from agent.target import CompileTarget, parse_target
+from lookout_edge.agent.backends import BackendSelector, Environment, GpuOutOfMemory
+from lookout_edge.agent.cuda import GpuInfo
+from lookout_edge.agent.engine_cache import EngineCache, EngineKey
+from lookout_edge.agent.errors import ResourceExhausted
+from lookout_edge.agent.models import FAILED, RUNNING, STOPPED, ModelRegistry
+from lookout_edge.agent.runtime import Inference, OnnxModel
+from lookout_edge.agent.target import CompileTarget, parse_target
 from lookout_edge.package import ModelPackage, PackageError, read_package
-from lookout_edge.sample_models import write_sample_package
+from tests.sample_models import write_sample_package
 
 XAVIER = {"device": "jetson_xavier"}
 T4 = {
@@ -271,7 +271,7 @@ def test_entry_that_tensorrt_cannot_deserialize_is_rebuilt(tmp_path: Path) -> No
 
 
 def test_accelerator_settings_are_checked() -> None:
-    from agent.config import ConfigError, load_config
+    from lookout_edge.agent.config import ConfigError, load_config
 
     assert load_config(environ={"LOOKOUT_EDGE_ACCELERATOR": "tensorrt"}).accelerator == "tensorrt"
     with pytest.raises(ConfigError, match="accelerator 'gpu' is not one of auto, cpu, cuda, tensorrt"):

@@ -6,8 +6,8 @@ from pathlib import Path
 
 import pytest
 
-from agent.config import ConfigError, load_config
 from lookout_edge import DEFAULT_SOCKET
+from lookout_edge.agent.config import ConfigError, load_config
 
 
 def test_defaults_match_the_guides_socket() -> None:
@@ -65,7 +65,7 @@ def test_missing_config_file(tmp_path: Path) -> None:
 def test_large_buffers_are_recycled_on_glibc() -> None:
     import platform
 
-    from agent.malloc import tune_malloc
+    from lookout_edge.agent.malloc import tune_malloc
 
     if platform.libc_ver()[0] != "glibc":
         pytest.skip("mallopt is glibc's")

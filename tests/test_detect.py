@@ -7,8 +7,8 @@ import numpy as np
 import pytest
 
 from lookout_edge.protocol import pb2
-from lookout_edge.sample_models import SAMPLE_THRESHOLD
 from lookout_edge.shm import SHM_DIR, OwnedSegment
+from tests.sample_models import SAMPLE_THRESHOLD
 
 from .conftest import HEIGHT, IMAGE_BYTES, WIDTH, RunningAgent, make_image, shm_request
 
@@ -128,7 +128,7 @@ def test_mask_handle_on_sample_client_field_number(agent: RunningAgent) -> None:
 
 
 def test_largest_bitmap_through_byte_data(agent_factory, models_dir) -> None:  # type: ignore[no-untyped-def]
-    from lookout_edge.sample_models import write_sample_package
+    from tests.sample_models import write_sample_package
 
     write_sample_package(models_dir / "big", "big", 4096, 4096, segmentation=True)
     agent = agent_factory()

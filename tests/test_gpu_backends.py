@@ -10,11 +10,11 @@ import numpy as np
 import onnxruntime as ort
 import pytest
 
-from agent import cuda
-from agent.backends import ort_gpu_backend
-from agent.runtime import OnnxModel
+from lookout_edge.agent import cuda
+from lookout_edge.agent.backends import ort_gpu_backend
+from lookout_edge.agent.runtime import OnnxModel
 from lookout_edge.package import read_package
-from lookout_edge.sample_models import write_sample_package
+from tests.sample_models import write_sample_package
 
 GPU = cuda.probe()
 needs_gpu = pytest.mark.skipif(GPU is None, reason="no NVIDIA GPU found through libcudart on this machine")
@@ -51,7 +51,7 @@ def test_onnxruntime_gpu_providers(package: object, tmp_path: Path, tensorrt: bo
     importlib.util.find_spec("tensorrt") is None, reason="the tensorrt package is not installed"
 )
 def test_native_tensorrt_builds_caches_and_frees(package: object, tmp_path: Path) -> None:
-    from agent.trt_backend import TensorRTModel
+    from lookout_edge.agent.trt_backend import TensorRTModel
 
     assert GPU is not None
     free_before = cuda.probe().free_bytes  # type: ignore[union-attr]

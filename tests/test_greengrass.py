@@ -21,9 +21,11 @@ import pytest
 import yaml
 from PIL import Image
 
-from agent.target import parse_target
-from client.edge_client import EdgeAgentClient
-from components.build import (
+from lookout_edge import __version__
+from lookout_edge.agent.target import parse_target
+from lookout_edge.cli.main import main
+from lookout_edge.client.edge_client import EdgeAgentClient
+from lookout_edge.components.build import (
     AGENT,
     CAMERA_CLIENT,
     EXAMPLE_CLIENT,
@@ -31,11 +33,9 @@ from components.build import (
     build_example_client,
     pip_platforms,
 )
-from components.model import default_version
-from components.recipes import check_recipe, check_recipes
-from lookout_edge import __version__
-from lookout_edge.cli import main
-from lookout_edge.sample_models import write_sample_package
+from lookout_edge.components.model import default_version
+from lookout_edge.components.recipes import check_recipe, check_recipes
+from tests.sample_models import write_sample_package
 
 from .conftest import HEIGHT, WIDTH, make_image, short_tmpdir
 from .greengrass_nucleus import Nucleus

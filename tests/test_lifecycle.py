@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 
 from lookout_edge.protocol import pb2
-from lookout_edge.sample_models import write_sample_package
+from tests.sample_models import write_sample_package
 
 from .conftest import HEIGHT, WIDTH, RunningAgent, make_image
 
@@ -234,7 +234,7 @@ def _edit_manifest(directory: Path, **changes: object) -> None:
 def _swap_graph(directory: Path, segmentation: bool, width: int) -> None:
     """Replace the graph by one for another image size, keeping the manifest's digests right."""
     from lookout_edge.package import file_sha256
-    from lookout_edge.sample_models import sample_graph
+    from tests.sample_models import sample_graph
 
     (directory / "model.onnx").write_bytes(sample_graph(HEIGHT, width, segmentation))
     manifest = json.loads((directory / "manifest.json").read_text())

@@ -13,7 +13,7 @@ import grpc
 import pytest
 
 from lookout_edge.protocol import pb2, pb2_grpc
-from lookout_edge.sample_models import write_sample_package
+from tests.sample_models import write_sample_package
 
 from .conftest import AgentProcess
 

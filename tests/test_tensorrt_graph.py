@@ -15,7 +15,7 @@ import onnxruntime as ort
 import pytest
 from onnx import TensorProto, helper
 
-from agent.trt_graph import (
+from lookout_edge.agent.trt_graph import (
     check_graph,
     describe_graph,
     graph_opset,
@@ -24,8 +24,8 @@ from agent.trt_graph import (
     support_for,
     tensorrt_variant,
 )
-from trainer.synthetic import write_synthetic_dataset
-from trainer.train import train
+from lookout_edge.trainer.synthetic import write_synthetic_dataset
+from lookout_edge.trainer.train import train
 
 
 @pytest.fixture(scope="module")

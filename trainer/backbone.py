@@ -19,7 +19,7 @@ import numpy as np
 import onnx
 from onnx import TensorProto, helper, numpy_helper
 
-from trainer.architecture import (
+from lookout_edge.trainer.architecture import (
     INPUT_MEAN,
     INPUT_STD,
     STAGES,

@@ -42,7 +42,7 @@ import numpy as np
 from PIL import Image
 
 from lookout_edge.package import MAX_SIDE, MIN_SIDE, AnomalyLabel
-from trainer.groundtruth import parse_manifest
+from lookout_edge.trainer.groundtruth import parse_manifest
 
 IMAGE_FORMATS = ("PNG", "JPEG")
 BACKGROUND_COLORS = frozenset({"#FFFFFF", "#000000"})

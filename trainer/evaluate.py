@@ -16,9 +16,9 @@ import numpy as np
 import onnxruntime as ort
 
 from lookout_edge.package import AnomalyLabel, read_package
-from trainer.datasets import Dataset, load_dataset
-from trainer.metrics import auroc, classification_metrics, pixel_auroc, segmentation_metrics
-from trainer.report import EVALUATION_NAME, REPORT_NAME, ReportItem, write_report
+from lookout_edge.trainer.datasets import Dataset, load_dataset
+from lookout_edge.trainer.metrics import auroc, classification_metrics, pixel_auroc, segmentation_metrics
+from lookout_edge.trainer.report import EVALUATION_NAME, REPORT_NAME, ReportItem, write_report
 
 
 @dataclass(frozen=True)

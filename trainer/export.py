@@ -24,10 +24,16 @@ import numpy as np
 import onnx
 from onnx import TensorProto, helper, numpy_helper
 
-from trainer.features import FEATURES_OUTPUT, FeatureLayout, append_resize, build_feature_graph
-from trainer.patchcore import anomaly_grid, blur_kernel, blur_normaliser, calibrated_score, raw_score
-from trainer.reference import resize_bilinear
-from trainer.segmentation import SegmentationHead
+from lookout_edge.trainer.features import FEATURES_OUTPUT, FeatureLayout, append_resize, build_feature_graph
+from lookout_edge.trainer.patchcore import (
+    anomaly_grid,
+    blur_kernel,
+    blur_normaliser,
+    calibrated_score,
+    raw_score,
+)
+from lookout_edge.trainer.reference import resize_bilinear
+from lookout_edge.trainer.segmentation import SegmentationHead
 
 THRESHOLD = 0.5  # calibrated_score maps the raw threshold here
 

@@ -16,9 +16,9 @@ import onnx
 import onnxruntime as ort
 from onnx import TensorProto, helper, numpy_helper
 
-from trainer.architecture import NETWORK_STRIDE, STAGES, feature_name, stage_stride
-from trainer.backbone import build_backbone_graph
-from trainer.interpolation import bilinear_matrix
+from lookout_edge.trainer.architecture import NETWORK_STRIDE, STAGES, feature_name, stage_stride
+from lookout_edge.trainer.backbone import build_backbone_graph
+from lookout_edge.trainer.interpolation import bilinear_matrix
 
 FEATURE_STAGES = (2, 4)
 FEATURES_OUTPUT = "patch_features"

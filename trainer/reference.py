@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from trainer.architecture import (
+from lookout_edge.trainer.architecture import (
     INPUT_MEAN,
     INPUT_STD,
     FoldedConv,

@@ -12,7 +12,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from trainer.reference import resize_bilinear
+from lookout_edge.trainer.reference import resize_bilinear
 
 L2 = 1e-3
 STEPS = 300

@@ -29,14 +29,19 @@ from typing import Any
 import numpy as np
 
 from lookout_edge.package import write_package
-from trainer.datasets import Dataset, DatasetError, Sample, load_dataset
-from trainer.evaluate import evaluate_model
-from trainer.export import TrainedModel, build_model_graph
-from trainer.features import FeatureExtractor, layout_for
-from trainer.metrics import threshold_from_normals, threshold_max_f1
-from trainer.patchcore import anomaly_grid, greedy_coreset, raw_score
-from trainer.segmentation import SegmentationHead, best_pixel_threshold, patch_targets, train_head
-from trainer.weights import load_pretrained_weights
+from lookout_edge.trainer.datasets import Dataset, DatasetError, Sample, load_dataset
+from lookout_edge.trainer.evaluate import evaluate_model
+from lookout_edge.trainer.export import TrainedModel, build_model_graph
+from lookout_edge.trainer.features import FeatureExtractor, layout_for
+from lookout_edge.trainer.metrics import threshold_from_normals, threshold_max_f1
+from lookout_edge.trainer.patchcore import anomaly_grid, greedy_coreset, raw_score
+from lookout_edge.trainer.segmentation import (
+    SegmentationHead,
+    best_pixel_threshold,
+    patch_targets,
+    train_head,
+)
+from lookout_edge.trainer.weights import load_pretrained_weights
 
 log = logging.getLogger(__name__)
 

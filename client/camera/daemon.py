@@ -15,7 +15,7 @@ from typing import Any
 
 import grpc
 
-from client.edge_client import Detection, EdgeAgentClient, EdgeAgentError
+from lookout_edge.client.edge_client import Detection, EdgeAgentClient, EdgeAgentError
 from lookout_edge.shm import SHM_DIR
 
 from .config import CameraConfig, DaemonConfig

@@ -8,9 +8,9 @@ from typing import Any
 
 import pytest
 
-from client.camera.config import ConfigError, parse_config
-from client.camera.sinks import JsonlSink
-from client.camera.spool import Spool
+from lookout_edge.client.camera.config import ConfigError, parse_config
+from lookout_edge.client.camera.sinks import JsonlSink
+from lookout_edge.client.camera.spool import Spool
 from tests.conftest import lookout_edge_command
 
 

@@ -7,9 +7,9 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
+from lookout_edge.trainer.synthetic import write_synthetic_dataset
+from lookout_edge.trainer.train import train
 from tests.camera.conftest import MjpegServer, read_events, wait_for
-from trainer.synthetic import write_synthetic_dataset
-from trainer.train import train
 
 
 def test_trained_model_over_mjpeg_streams(

@@ -1,7 +1,7 @@
 import numpy as np
 import pytest
 
-from trainer.weights import load_pretrained_weights
+from lookout_edge.trainer.weights import load_pretrained_weights
 
 
 @pytest.fixture(scope="session")

@@ -1,7 +1,7 @@
 import numpy as np
 import pytest
 
-from trainer.architecture import (
+from lookout_edge.trainer.architecture import (
     STAGES,
     FoldedConv,
     WeightsMismatchError,
@@ -11,7 +11,7 @@ from trainer.architecture import (
     same_padding,
     stage_stride,
 )
-from trainer.reference import conv2d
+from lookout_edge.trainer.reference import conv2d
 
 
 @pytest.mark.parametrize(

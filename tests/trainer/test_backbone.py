@@ -3,9 +3,9 @@ import onnx
 import onnxruntime as ort
 import pytest
 
-from trainer.architecture import STAGES, stage_stride
-from trainer.backbone import OPSET, build_backbone_graph
-from trainer.reference import reference_features
+from lookout_edge.trainer.architecture import STAGES, stage_stride
+from lookout_edge.trainer.backbone import OPSET, build_backbone_graph
+from lookout_edge.trainer.reference import reference_features
 
 # What TensorRT takes without plugins; a new op type here needs checking against it first.
 ALLOWED_OPS = {"Cast", "Unsqueeze", "Transpose", "Resize", "Sub", "Div", "Conv", "Clip", "Add"}

@@ -15,8 +15,8 @@ import pytest
 from PIL import Image
 
 from lookout_edge.package import AnomalyLabel
-from trainer.datasets import DatasetError, load_dataset
-from trainer.synthetic import MISSING, SCRATCH, write_synthetic_dataset
+from lookout_edge.trainer.datasets import DatasetError, load_dataset
+from lookout_edge.trainer.synthetic import MISSING, SCRATCH, write_synthetic_dataset
 
 COOKIES = Path(__file__).resolve().parents[2] / ".." / "shared" / "datasets" / "cookies"
 

@@ -7,7 +7,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from trainer.metrics import (
+from lookout_edge.trainer.metrics import (
     auroc,
     classification_metrics,
     pixel_auroc,

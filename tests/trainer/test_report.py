@@ -11,8 +11,8 @@ import pytest
 from PIL import Image
 
 from lookout_edge.package import AnomalyLabel
-from trainer.metrics import classification_metrics, segmentation_metrics
-from trainer.report import EVALUATION_NAME, REPORT_NAME, ReportItem, write_report
+from lookout_edge.trainer.metrics import classification_metrics, segmentation_metrics
+from lookout_edge.trainer.report import EVALUATION_NAME, REPORT_NAME, ReportItem, write_report
 
 RED = AnomalyLabel("scratch", "#FF0000")
 BLUE = AnomalyLabel("dent", "#0000FF")

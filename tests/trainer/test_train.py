@@ -13,14 +13,14 @@ import onnxruntime as ort
 import pytest
 
 from lookout_edge.package import read_package
-from trainer.datasets import load_dataset
-from trainer.export import TrainedModel, build_model_graph, reference_outputs
-from trainer.features import layout_for
-from trainer.patchcore import greedy_coreset
-from trainer.reference import reference_patches
-from trainer.segmentation import train_head
-from trainer.synthetic import write_synthetic_dataset
-from trainer.train import TrainOptions, split_dataset, train
+from lookout_edge.trainer.datasets import load_dataset
+from lookout_edge.trainer.export import TrainedModel, build_model_graph, reference_outputs
+from lookout_edge.trainer.features import layout_for
+from lookout_edge.trainer.patchcore import greedy_coreset
+from lookout_edge.trainer.reference import reference_patches
+from lookout_edge.trainer.segmentation import train_head
+from lookout_edge.trainer.synthetic import write_synthetic_dataset
+from lookout_edge.trainer.train import TrainOptions, split_dataset, train
 
 COOKIES = Path(__file__).resolve().parents[2] / ".." / "shared" / "datasets" / "cookies"
 
@@ -139,7 +139,7 @@ def test_bad_dataset_writes_nothing(tmp_path: Path) -> None:
 def test_cookies_end_to_end_through_the_agent(tmp_path: Path) -> None:
     """Train on the real cookies dataset, then serve the package: DetectAnomalies over gRPC
     gives the verdicts and scores that the evaluation recorded."""
-    from client.edge_client import EdgeAgentClient
+    from lookout_edge.client.edge_client import EdgeAgentClient
     from tests.conftest import AgentProcess, short_tmpdir
 
     models = tmp_path / "models"

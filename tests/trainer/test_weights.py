@@ -6,9 +6,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from lookout_edge.trainer import weights as weights_module
+from lookout_edge.trainer.weights import CheckpointError, load_checkpoint, pretrained_weights_path
 from tests.trainer.legacy_checkpoint import MAGIC_NUMBER, PROTOCOL_VERSION, SYS_INFO, write_checkpoint
-from trainer import weights as weights_module
-from trainer.weights import CheckpointError, load_checkpoint, pretrained_weights_path
 
 
 class _RunsShellCommand:

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import numpy as np
 
-from .package import write_package
+from lookout_edge.package import write_package
 
 # A pixel is a "red" defect when R > 200 and G, B < 80; "blue" when B > 200 and R, G < 80.
 RED_LABEL = {"name": "red-paint", "color": "#FF0000"}

@@ -20,10 +20,10 @@ from pathlib import Path
 
 from PIL import Image
 
-from client.edge_client import EdgeAgentClient
-from trainer.evaluate import summary_lines
-from trainer.synthetic import write_synthetic_dataset
-from trainer.train import train
+from lookout_edge.client.edge_client import EdgeAgentClient
+from lookout_edge.trainer.evaluate import summary_lines
+from lookout_edge.trainer.synthetic import write_synthetic_dataset
+from lookout_edge.trainer.train import train
 
 MODEL = "parts-inspection"
 

@@ -13,7 +13,7 @@ from pathlib import Path
 
 from PIL import Image
 
-from . import DEFAULT_SOCKET, __version__
+from lookout_edge import DEFAULT_SOCKET, __version__
 
 
 def _socket_default() -> str:
@@ -107,8 +107,8 @@ def _add_package_parser(commands: argparse._SubParsersAction) -> None:
 
 
 def _run_package(args: argparse.Namespace) -> int:
-    from components.model import package_model
-    from components.targets import resolve_target
+    from lookout_edge.components.model import package_model
+    from lookout_edge.components.targets import resolve_target
 
     try:
         target = resolve_target(args.target_device, args.target_platform, args.compiler_options)
@@ -130,8 +130,8 @@ def _run_package(args: argparse.Namespace) -> int:
 
 
 def _run_train(args: argparse.Namespace) -> int:
-    from trainer.evaluate import summary_lines
-    from trainer.train import TrainOptions, train
+    from lookout_edge.trainer.evaluate import summary_lines
+    from lookout_edge.trainer.train import TrainOptions, train
 
     options = TrainOptions(short_side=args.short_side, favour_recall=args.favour_recall, seed=args.seed)
     result = train(args.dataset, args.out, args.name, args.test, options)
@@ -149,8 +149,8 @@ def _run_train(args: argparse.Namespace) -> int:
 
 
 def _run_evaluate(args: argparse.Namespace) -> int:
-    from trainer.evaluate import evaluate_package, summary_lines
-    from trainer.report import write_report
+    from lookout_edge.trainer.evaluate import evaluate_package, summary_lines
+    from lookout_edge.trainer.report import write_report
 
     evaluated = evaluate_package(args.model_dir, args.dataset)
     report = write_report(args.report, evaluated.metrics, evaluated.items)
@@ -176,8 +176,8 @@ def _log_to_stderr(level: str) -> None:
 
 
 def _run_camera(args: argparse.Namespace) -> int:
-    from client.camera.config import ConfigError, load_config
-    from client.camera.daemon import CameraDaemon
+    from lookout_edge.client.camera.config import ConfigError, load_config
+    from lookout_edge.client.camera.daemon import CameraDaemon
 
     try:
         config = load_config(args.config)
@@ -201,8 +201,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _run_agent(args: argparse.Namespace) -> int:
-    from agent.config import ConfigError, load_config
-    from agent.server import serve
+    from lookout_edge.agent.config import ConfigError, load_config
+    from lookout_edge.agent.server import serve
 
     overrides = {
         key: value
@@ -223,7 +223,7 @@ def _print(args: argparse.Namespace, data: object, text: str) -> None:
 
 
 def _run_models(args: argparse.Namespace) -> int:
-    from client.edge_client import EdgeAgentClient
+    from lookout_edge.client.edge_client import EdgeAgentClient
 
     with EdgeAgentClient(args.socket) as client:
         if args.action == "list":
@@ -247,7 +247,7 @@ def _run_models(args: argparse.Namespace) -> int:
 
 
 def _run_detect(args: argparse.Namespace) -> int:
-    from client.edge_client import EdgeAgentClient
+    from lookout_edge.client.edge_client import EdgeAgentClient
 
     if args.mask_out:
         args.mask_out.mkdir(parents=True, exist_ok=True)
@@ -298,7 +298,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         except (OSError, ValueError) as exc:  # DatasetError and PackageError are ValueErrors
             print(f"lookout-edge {args.command}: {exc}", file=sys.stderr)
             return 1
-    from client.edge_client import EdgeAgentError
+    from lookout_edge.client.edge_client import EdgeAgentError
 
     try:
         if args.command == "models":

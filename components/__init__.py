@@ -1,0 +1,1 @@
+"""Greengrass components: recipe templates rendered, model components packaged, recipes checked."""
