@@ -26,11 +26,11 @@ import numpy as np
 import onnxruntime as ort
 
 from lookout_edge.package import MANIFEST_NAME, ModelPackage, PackageError
+from lookout_edge.target import CompileTarget, gpu_code, parse_target
 
 from . import cuda
 from .errors import ResourceExhausted
 from .runtime import Inference, OnnxModel
-from .target import CompileTarget, gpu_code, parse_target
 
 log = logging.getLogger(__name__)
 

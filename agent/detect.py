@@ -7,6 +7,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from lookout_edge import shm
+from lookout_edge.contract import clip_score, confidence_of, is_anomalous, verdict_label_map
 from lookout_edge.package import BACKGROUND_COLOR, BACKGROUND_NAME, MAX_SIDE, MIN_SIDE, ModelPackage
 from lookout_edge.protocol import pb2
 
@@ -20,17 +21,6 @@ class ShmRegion:
     name: str
     offset: int
     size: int
-
-
-def confidence_of(score: float, threshold: float) -> float:
-    """Confidence in the verdict: 0.5 at the threshold, 1.0 at the far end of the score range."""
-    if score >= threshold:
-        span = 1.0 - threshold
-        distance = score - threshold
-    else:
-        span = threshold
-        distance = threshold - score
-    return 0.5 + 0.5 * min(1.0, distance / span) if span > 0 else 1.0
 
 
 def _check_region(what: str, handle: pb2.SharedMemoryHandle, width: int, height: int) -> ShmRegion:
@@ -154,18 +144,20 @@ def _anomalies(label_map: np.ndarray, package: ModelPackage) -> list[pb2.Anomaly
 def build_result(
     inference: Inference, package: ModelPackage, mask_target: ShmRegion | None
 ) -> pb2.DetectAnomalyResult:
-    score = min(1.0, max(0.0, inference.anomaly_score))
+    score = clip_score(inference.anomaly_score)
     threshold = package.threshold
+    anomalous = is_anomalous(score, threshold)
     confidence = inference.confidence if inference.confidence is not None else confidence_of(score, threshold)
     result = pb2.DetectAnomalyResult(
-        is_anomalous=score >= threshold,
-        confidence=min(1.0, max(0.0, confidence)),
+        is_anomalous=anomalous,
+        confidence=clip_score(confidence),
         anomaly_score=score,
         anomaly_threshold=threshold,
     )
     if inference.label_map is not None:
-        result.anomalies.extend(_anomalies(inference.label_map, package))
-        result.anomaly_mask.CopyFrom(_write_mask(inference.label_map, package, mask_target))
+        label_map = verdict_label_map(inference.label_map, anomalous)
+        result.anomalies.extend(_anomalies(label_map, package))
+        result.anomaly_mask.CopyFrom(_write_mask(label_map, package, mask_target))
     return result
 
 

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import logging
 import math
-import os
 import threading
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
@@ -19,7 +18,7 @@ from typing import Protocol
 
 import numpy as np
 
-from lookout_edge.package import MANIFEST_NAME, ModelPackage, PackageError, read_package
+from lookout_edge.package import MANIFEST_NAME, ModelPackage, PackageError, package_dirs, read_package
 from lookout_edge.protocol import pb2
 
 from .backends import GpuOutOfMemory
@@ -134,7 +133,7 @@ class ModelRegistry:
         """Rescan the models directory; cheap when nothing changed (one stat per package)."""
         with self._lock:
             scanned = {}
-            for directory in self._package_dirs():
+            for directory in package_dirs(self.models_dir):
                 stamp = _manifest_stamp(directory)
                 previous = self._scanned.get(directory)
                 if previous is not None and previous.stamp == stamp:
@@ -143,16 +142,6 @@ class ModelRegistry:
                     scanned[directory] = _scan(directory, stamp)
             self._scanned = scanned
             self._apply(scanned)
-
-    def _package_dirs(self) -> list[Path]:
-        try:
-            entries = list(os.scandir(self.models_dir))
-        except FileNotFoundError:
-            return []
-        # Names starting with '.' are packages being written (see docs/model-package.md).
-        return sorted(
-            Path(entry.path) for entry in entries if entry.is_dir() and not entry.name.startswith(".")
-        )
 
     def _apply(self, scanned: dict[Path, _Scanned]) -> None:
         claims: dict[str, list[tuple[Path, _Scanned]]] = {}

@@ -1,10 +1,5 @@
-"""Running a model package's ONNX graph with ONNX Runtime.
-
-The graph contract (docs/model-package.md): one input `image`, uint8, shape [H, W, 3],
-the raw RGB888 bitmap at the training size; outputs `anomaly_score` (float, one value
-in 0..1), optionally `confidence`, and for segmentation models `label_map` ([H, W],
-0 for background and i for the i-th label of the manifest).
-"""
+"""Running a model package's ONNX graph with ONNX Runtime, checked against the graph contract
+(lookout_edge.contract)."""
 
 from __future__ import annotations
 
@@ -14,12 +9,15 @@ from dataclasses import dataclass
 import numpy as np
 import onnxruntime as ort
 
+from lookout_edge.contract import (
+    CONFIDENCE_OUTPUT,
+    INPUT_NAME,
+    LABEL_MAP_OUTPUT,
+    SCORE_OUTPUT,
+    check_graph_io,
+    session_graph_io,
+)
 from lookout_edge.package import ModelPackage, PackageError
-
-INPUT_NAME = "image"
-SCORE_OUTPUT = "anomaly_score"
-CONFIDENCE_OUTPUT = "confidence"
-LABEL_MAP_OUTPUT = "label_map"
 
 
 @dataclass
@@ -55,31 +53,16 @@ class OnnxModel:
             )
         except Exception as exc:  # onnxruntime raises several unrelated exception types
             raise PackageError(f"{package.model_file.path} cannot be loaded by ONNX Runtime: {exc}") from None
-        self._check_contract(package)
+        inputs, outputs = session_graph_io(self._session)
+        check_graph_io(
+            inputs, outputs, package.width, package.height, package.is_segmentation, package.model_file.path
+        )
         self._outputs = [SCORE_OUTPUT]
         names = {output.name for output in self._session.get_outputs()}
         if CONFIDENCE_OUTPUT in names:
             self._outputs.append(CONFIDENCE_OUTPUT)
         if package.is_segmentation:
             self._outputs.append(LABEL_MAP_OUTPUT)
-
-    def _check_contract(self, package: ModelPackage) -> None:
-        where = package.model_file.path
-        inputs = self._session.get_inputs()
-        if len(inputs) != 1 or inputs[0].name != INPUT_NAME:
-            raise PackageError(f"{where}: the graph must have exactly one input named '{INPUT_NAME}'")
-        if inputs[0].type != "tensor(uint8)":
-            raise PackageError(f"{where}: input '{INPUT_NAME}' must be uint8, not {inputs[0].type}")
-        expected = [package.height, package.width, 3]
-        if list(inputs[0].shape) != expected:
-            raise PackageError(
-                f"{where}: input shape {inputs[0].shape} does not match the manifest's image size {expected}"
-            )
-        outputs = {output.name for output in self._session.get_outputs()}
-        required = {SCORE_OUTPUT} | ({LABEL_MAP_OUTPUT} if package.is_segmentation else set())
-        missing = required - outputs
-        if missing:
-            raise PackageError(f"{where}: the graph lacks output(s) {', '.join(sorted(missing))}")
 
     def run(self, image: np.ndarray) -> Inference:
         """Run one [H, W, 3] uint8 image."""

@@ -19,11 +19,19 @@ from typing import Any
 
 import numpy as np
 
+from lookout_edge.contract import (
+    CONFIDENCE_OUTPUT,
+    INPUT_NAME,
+    LABEL_MAP_OUTPUT,
+    SCORE_OUTPUT,
+    check_graph_io,
+    onnx_graph_io,
+)
 from lookout_edge.package import ModelPackage, PackageError
 
 from . import cuda
 from .engine_cache import EngineCache, EngineKey
-from .runtime import CONFIDENCE_OUTPUT, INPUT_NAME, LABEL_MAP_OUTPUT, SCORE_OUTPUT, Inference
+from .runtime import Inference
 
 WORKSPACE_BYTES = 1 << 30
 
@@ -45,7 +53,12 @@ class TensorRTModel:
         self._trt = trt
         self._logger = trt.Logger(trt.Logger.WARNING)
         support = support_for(trt.__version__)
-        variant = tensorrt_variant(onnx.load(str(package.model_file.path)), support.max_opset)
+        graph = onnx.load(str(package.model_file.path))
+        inputs, outputs = onnx_graph_io(graph)
+        check_graph_io(
+            inputs, outputs, package.width, package.height, package.is_segmentation, package.model_file.path
+        )
+        variant = tensorrt_variant(graph, support.max_opset)
         problems = check_graph(variant, support)
         if problems:
             raise BackendUnavailable(
@@ -86,8 +99,6 @@ class TensorRTModel:
         self._outputs = [
             name for name in (SCORE_OUTPUT, CONFIDENCE_OUTPUT, LABEL_MAP_OUTPUT) if name in self._shapes
         ]
-        if package.is_segmentation and LABEL_MAP_OUTPUT not in self._shapes:
-            raise PackageError(f"{package.model_file.path}: the graph lacks output {LABEL_MAP_OUTPUT}")
         self._memory = sum(buffer.size for buffer in self._buffers.values()) + int(
             getattr(self._engine, "device_memory_size", 0)
         )

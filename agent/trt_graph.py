@@ -25,9 +25,9 @@ from typing import Any
 import onnx
 from onnx import TensorProto, defs, helper, shape_inference
 
+from lookout_edge.contract import INPUT_NAME, LABEL_MAP_OUTPUT
+
 SUPPORT_DIR = Path(__file__).with_name("tensorrt_support")
-INPUT_NAME = "image"
-LABEL_MAP = "label_map"
 # Operators reviewed against the ONNX changelog: between opset 11 and 17 their definitions only
 # added element types (bfloat16 at 13, more at 14 and 16), or an attribute whose default keeps the
 # old behaviour (ArgMax select_last_index at 12, Reshape allowzero at 14).
@@ -107,10 +107,10 @@ def tensorrt_variant(model: onnx.ModelProto, max_opset: int) -> onnx.ModelProto:
         graph.node.remove(cast)
         image.type.tensor_type.elem_type = TensorProto.FLOAT
     for output in graph.output:
-        if output.name == LABEL_MAP and output.type.tensor_type.elem_type == TensorProto.UINT8:
+        if output.name == LABEL_MAP_OUTPUT and output.type.tensor_type.elem_type == TensorProto.UINT8:
             output.type.tensor_type.elem_type = TensorProto.INT32
             for node in graph.node:
-                if LABEL_MAP in node.output and node.op_type == "Cast":
+                if LABEL_MAP_OUTPUT in node.output and node.op_type == "Cast":
                     del node.attribute[:]
                     node.attribute.append(helper.make_attribute("to", TensorProto.INT32))
     opset = graph_opset(variant)

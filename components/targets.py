@@ -11,11 +11,12 @@ from __future__ import annotations
 
 import json
 import platform
-import re
 from dataclasses import dataclass, field
 from typing import Any
 
-from lookout_edge.agent.target import DEVICES as AGENT_DEVICES
+from lookout_edge.package import PackageError
+from lookout_edge.target import CPU_OPTIONS, NVIDIA_OPTIONS, check_compiler_options
+from lookout_edge.target import DEVICES as TARGET_DEVICES
 
 OPERATING_SYSTEMS = ("linux",)
 ARCHITECTURES = {
@@ -29,15 +30,6 @@ ACCELERATORS = ("cpu", "nvidia")
 # Greengrass names architectures as the JVM does.
 GREENGRASS_ARCHITECTURES = {"x86_64": "amd64", "aarch64": "aarch64"}
 DEFAULT_MCPU = "core-avx2"  # what the packaging job uses for x86_64 CPUs when none is given
-
-_NVIDIA_OPTIONS = {
-    "gpu-code": (re.compile(r"^sm_\d\d$"), "a GPU code such as sm_75"),
-    "trt-ver": (re.compile(r"^\d+\.\d+\.\d+$"), "a TensorRT version x.y.z such as 8.2.1"),
-    "cuda-ver": (re.compile(r"^\d+\.\d+$"), "a CUDA version x.y such as 11.2"),
-}
-_CPU_OPTIONS = {
-    "mcpu": (re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.+-]*$"), "an instruction set such as core-avx2"),
-}
 
 
 class TargetError(ValueError):
@@ -53,7 +45,7 @@ class Target:
     device: str | None = None
 
     def to_manifest(self) -> dict[str, Any]:
-        """The manifest's `target` object (docs/model-package.md), as agent/target.py reads it."""
+        """The manifest's `target` object (docs/model-package.md), as lookout_edge.target reads it."""
         if self.device:
             return {"device": self.device}
         platform: dict[str, str] = {"os": self.os, "arch": self.arch}
@@ -69,13 +61,13 @@ class Target:
         return {"os": self.os, "architecture": GREENGRASS_ARCHITECTURES[self.arch]}
 
 
-# The target devices of the packaging job, as the agent knows them (agent/target.py holds the
-# one list, with each device's GPU). The manifest records the device's name alone. Jetson AGX
+# The target devices of the packaging job, as the agent knows them (lookout_edge.target holds
+# the one list, with each device's GPU). The manifest records the device's name alone. Jetson AGX
 # Xavier runs JetPack 4.4 to 4.6.1, that is TensorRT 7.1.3 or 8.2.1: the agent builds its engine
 # on the device, so no TensorRT version is pinned.
 DEVICES = {
     name: Target(os=spec["os"], arch=spec["arch"], accelerator=spec["accelerator"].lower(), device=name)
-    for name, spec in AGENT_DEVICES.items()
+    for name, spec in TARGET_DEVICES.items()
 }
 
 
@@ -119,26 +111,27 @@ def _parse_options(text: str | None, accelerator: str, arch: str) -> dict[str, s
             raise TargetError(
                 f'compiler options must be a JSON object, e.g. {{"mcpu": "core-avx2"}}: {text!r}'
             )
-    allowed = _NVIDIA_OPTIONS if accelerator == "nvidia" else _CPU_OPTIONS
-    for key, value in options.items():
+    allowed = NVIDIA_OPTIONS if accelerator == "nvidia" else CPU_OPTIONS
+    for key in options:
         if key not in allowed:
             raise TargetError(
                 f"compiler option {key!r} does not apply to the {accelerator} accelerator; "
                 f"allowed: {', '.join(allowed)}"
             )
-        pattern, expected = allowed[key]
-        if not isinstance(value, str) or not pattern.match(value):
-            raise TargetError(f"compiler option {key!r} is {value!r}; expected {expected}")
+    try:
+        checked = check_compiler_options(options, "--compiler-options")
+    except PackageError as exc:
+        raise TargetError(str(exc)) from None
     if accelerator == "nvidia":
-        missing = [key for key in _NVIDIA_OPTIONS if key not in options]
+        missing = [key for key in NVIDIA_OPTIONS if key not in checked]
         if missing:
             raise TargetError(
                 f"an NVIDIA target platform needs compiler options {', '.join(missing)}, "
                 'e.g. {"gpu-code": "sm_75", "trt-ver": "7.1.3", "cuda-ver": "10.2"}'
             )
     elif arch == "x86_64":
-        options.setdefault("mcpu", DEFAULT_MCPU)
-    return dict(options)
+        checked.setdefault("mcpu", DEFAULT_MCPU)
+    return checked
 
 
 def resolve_target(

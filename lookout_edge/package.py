@@ -17,6 +17,17 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+__all__ = [
+    "MANIFEST_NAME",
+    "AnomalyLabel",
+    "ModelPackage",
+    "PackageError",
+    "find_package",
+    "package_dirs",
+    "read_package",
+    "write_package",
+]
+
 MANIFEST_NAME = "manifest.json"
 FORMAT_VERSION = 1
 MODEL_TYPES = ("classification", "segmentation")
@@ -25,6 +36,8 @@ MAX_SIDE = 4096
 BACKGROUND_NAME = "background"
 BACKGROUND_COLOR = "#FFFFFF"
 _HEX_COLOR = re.compile(r"^#[0-9A-Fa-f]{6}$")
+# Entries of a models directory whose names start with this are packages being written.
+STAGING_PREFIX = "."
 
 
 class PackageError(ValueError):
@@ -206,6 +219,30 @@ def read_package(directory: Path) -> ModelPackage:
     )
 
 
+def package_dirs(models_dir: Path) -> list[Path]:
+    """The package directories directly below `models_dir`, by name: every directory except
+    packages still being written. A missing `models_dir` holds none."""
+    try:
+        entries = list(os.scandir(models_dir))
+    except FileNotFoundError:
+        return []
+    return sorted(
+        Path(entry.path) for entry in entries if entry.is_dir() and not entry.name.startswith(STAGING_PREFIX)
+    )
+
+
+def find_package(models_dir: Path, component_name: str) -> ModelPackage | None:
+    """The readable package of `models_dir` that serves `component_name`, if there is one."""
+    for directory in package_dirs(models_dir):
+        try:
+            package = read_package(directory)
+        except PackageError:
+            continue
+        if package.component_name == component_name:
+            return package
+    return None
+
+
 def write_package(
     directory: Path,
     manifest: dict[str, Any],
@@ -223,7 +260,7 @@ def write_package(
         raise PackageError(f"model file '{model_file}' is not among the files to write")
     directory = directory.resolve()
     directory.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=f".{directory.name}.", dir=directory.parent))
+    staging = Path(tempfile.mkdtemp(prefix=f"{STAGING_PREFIX}{directory.name}.", dir=directory.parent))
     try:
         entries = {}
         for relative, content in sorted(files.items()):
@@ -236,7 +273,9 @@ def write_package(
         read_package(staging)  # never publish a package the agent would refuse
         os.chmod(staging, 0o755)
         if directory.exists():
-            retired = Path(tempfile.mkdtemp(prefix=f".{directory.name}.old.", dir=directory.parent))
+            retired = Path(
+                tempfile.mkdtemp(prefix=f"{STAGING_PREFIX}{directory.name}.old.", dir=directory.parent)
+            )
             os.replace(directory, retired / directory.name)
             os.replace(staging, directory)
             shutil.rmtree(retired)

@@ -20,8 +20,8 @@ from lookout_edge.agent.engine_cache import EngineCache, EngineKey
 from lookout_edge.agent.errors import ResourceExhausted
 from lookout_edge.agent.models import FAILED, RUNNING, STOPPED, ModelRegistry
 from lookout_edge.agent.runtime import Inference, OnnxModel
-from lookout_edge.agent.target import CompileTarget, parse_target
 from lookout_edge.package import ModelPackage, PackageError, read_package
+from lookout_edge.target import CompileTarget, parse_target
 from tests.sample_models import write_sample_package
 
 XAVIER = {"device": "jetson_xavier"}

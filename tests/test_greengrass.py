@@ -22,7 +22,6 @@ import yaml
 from PIL import Image
 
 from lookout_edge import __version__
-from lookout_edge.agent.target import parse_target
 from lookout_edge.cli.main import main
 from lookout_edge.client.edge_client import EdgeAgentClient
 from lookout_edge.components.build import (
@@ -35,6 +34,7 @@ from lookout_edge.components.build import (
 )
 from lookout_edge.components.model import default_version
 from lookout_edge.components.recipes import check_recipe, check_recipes
+from lookout_edge.target import parse_target
 from tests.sample_models import write_sample_package
 
 from .conftest import HEIGHT, WIDTH, make_image, short_tmpdir

@@ -13,6 +13,7 @@ from typing import Any
 import yaml
 
 from lookout_edge import DEFAULT_SOCKET
+from lookout_edge.package import find_package
 
 SINK_TYPES = ("jsonl", "mqtt", "greengrass")
 _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
@@ -174,22 +175,13 @@ def _camera(raw: Any, index: int, models_dir: Path | None) -> CameraConfig:
 
 def _model_size(models_dir: Path, model: str, where: str) -> tuple[int, int]:
     """The training size from the model package the agent serves (it is not in DescribeModel)."""
-    from lookout_edge.package import PackageError, read_package
-
-    if models_dir.is_dir():
-        for directory in sorted(models_dir.iterdir()):
-            if directory.name.startswith(".") or not directory.is_dir():
-                continue
-            try:
-                package = read_package(directory)
-            except PackageError:
-                continue
-            if package.component_name == model:
-                return package.width, package.height
-    raise ConfigError(
-        f"{where}.model: no package for {model!r} under agent.models_dir {models_dir}; "
-        "give the camera's width and height instead"
-    )
+    package = find_package(models_dir, model)
+    if package is None:
+        raise ConfigError(
+            f"{where}.model: no package for {model!r} under agent.models_dir {models_dir}; "
+            "give the camera's width and height instead"
+        )
+    return package.width, package.height
 
 
 def _sink(raw: Any, index: int, state_dir: Path) -> SinkConfig:

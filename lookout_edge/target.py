@@ -1,5 +1,8 @@
 """The compile target a package records in its manifest's `target` key (docs/model-package.md).
 
+One set of rules, read by the agent to choose its backend and by `lookout-edge package` to
+check what it writes.
+
 Two shapes, as in the Lookout for Vision packaging job (a target device or a target platform,
 never both):
 
@@ -18,6 +21,16 @@ from typing import Any
 
 from lookout_edge.package import PackageError
 
+__all__ = [
+    "CPU_OPTIONS",
+    "DEVICES",
+    "NVIDIA_OPTIONS",
+    "CompileTarget",
+    "check_compiler_options",
+    "gpu_code",
+    "parse_target",
+]
+
 # Target devices of the guide; a Jetson AGX Xavier's GPU is compute capability 7.2.
 DEVICES = {"jetson_xavier": {"os": "linux", "arch": "aarch64", "accelerator": "NVIDIA", "gpu-code": "sm_72"}}
 OSES = ("linux",)
@@ -25,8 +38,16 @@ ARCHES = ("x86_64", "aarch64", "armv7l")
 ACCELERATORS = ("NVIDIA",)
 _GPU_CODE = re.compile(r"^sm_(\d)(\d)$")
 _VERSION = re.compile(r"^\d+\.\d+(\.\d+)?$")
-# The guide's CPU compiler option (e.g. core-avx2); recorded, and no backend depends on it.
-_MCPU = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.+-]*$")
+# Each compiler option of the packaging job: the form of its value, and an example for messages.
+# `mcpu` is the guide's CPU option (e.g. core-avx2): recorded, and no backend depends on it.
+COMPILER_OPTIONS = {
+    "gpu-code": (_GPU_CODE, "a GPU code such as sm_75"),
+    "trt-ver": (_VERSION, "a TensorRT version such as 8.2 or 8.2.1"),
+    "cuda-ver": (_VERSION, "a CUDA version such as 10.2"),
+    "mcpu": (re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.+-]*$"), "an instruction set such as core-avx2"),
+}
+NVIDIA_OPTIONS = ("gpu-code", "trt-ver", "cuda-ver")
+CPU_OPTIONS = ("mcpu",)
 
 
 @dataclass(frozen=True)
@@ -66,7 +87,7 @@ def parse_target(target: dict[str, Any], where: str) -> CompileTarget:
         raise PackageError(f"{where}: unknown key(s) in 'target': {', '.join(sorted(unknown))}")
     if "device" in target and "platform" in target:
         raise PackageError(f"{where}: 'target' names a device and a platform; give one of them")
-    options = _options(target.get("compiler_options", {}), where)
+    options = check_compiler_options(target.get("compiler_options", {}), where)
     if "device" in target:
         device = target["device"]
         if device not in DEVICES:
@@ -110,23 +131,20 @@ def parse_target(target: dict[str, Any], where: str) -> CompileTarget:
     )
 
 
-def _options(options: Any, where: str) -> dict[str, str]:
+def check_compiler_options(options: Any, where: str) -> dict[str, str]:
+    """The compiler options with every key known and every value well formed (as text)."""
     if not isinstance(options, dict):
         raise PackageError(f"{where}: 'compiler_options' must be an object")
-    unknown = set(options) - {"gpu-code", "trt-ver", "cuda-ver", "mcpu"}
+    unknown = set(options) - set(COMPILER_OPTIONS)
     if unknown:
         raise PackageError(
             f"{where}: unknown compiler option(s) {', '.join(sorted(unknown))}; "
-            "known: gpu-code, trt-ver, cuda-ver, mcpu"
+            f"known: {', '.join(COMPILER_OPTIONS)}"
         )
     checked = {}
     for key, value in options.items():
-        text = str(value)
-        pattern = {"gpu-code": _GPU_CODE, "mcpu": _MCPU}.get(key, _VERSION)
-        if not pattern.match(text):
-            example = {"gpu-code": "sm_72", "mcpu": "core-avx2"}.get(key, "8.2.1")
-            raise PackageError(
-                f"{where}: compiler option {key} {value!r} is malformed; expected e.g. {example}"
-            )
-        checked[key] = text
+        pattern, expected = COMPILER_OPTIONS[key]
+        if not pattern.match(str(value)):
+            raise PackageError(f"{where}: compiler option {key} {value!r} is malformed; expected {expected}")
+        checked[key] = str(value)
     return checked
