@@ -19,6 +19,7 @@ import numpy as np
 import onnx
 from onnx import TensorProto, helper, numpy_helper
 
+from lookout_edge.contract import INPUT_NAME
 from lookout_edge.trainer.architecture import (
     INPUT_MEAN,
     INPUT_STD,
@@ -34,7 +35,6 @@ from lookout_edge.trainer.architecture import (
 # ONNX Runtime and later TensorRT versions read them too.
 OPSET = 11
 IR_VERSION = 6
-INPUT_NAME = "image"
 
 
 class _GraphBuilder:

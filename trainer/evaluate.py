@@ -1,7 +1,8 @@
 """Evaluating a model graph on a labelled dataset, the way the agent would run it.
 
-The graph runs in ONNX Runtime exactly as the agent runs it; the verdict is
-`anomaly_score >= threshold`. Metrics are the guide's (precision, recall, F1; per-label F1 and
+The graph runs in ONNX Runtime exactly as the agent runs it, and its outputs are read with the
+agent's verdict rule (lookout_edge.contract): `anomaly_score >= threshold`, no mask for a
+normal verdict. Metrics are the guide's (precision, recall, F1; per-label F1 and
 IoU for segmentation) plus image AUROC and pixel AUROC.
 """
 
@@ -15,6 +16,15 @@ from typing import Any
 import numpy as np
 import onnxruntime as ort
 
+from lookout_edge.contract import (
+    ANOMALY_MAP_OUTPUT,
+    DEFAULT_THRESHOLD,
+    INPUT_NAME,
+    LABEL_MAP_OUTPUT,
+    SCORE_OUTPUT,
+    is_anomalous,
+    verdict_label_map,
+)
 from lookout_edge.package import AnomalyLabel, read_package
 from lookout_edge.trainer.datasets import Dataset, load_dataset
 from lookout_edge.trainer.metrics import auroc, classification_metrics, pixel_auroc, segmentation_metrics
@@ -34,53 +44,60 @@ class Evaluated:
 
 
 def evaluate_model(
-    graph: bytes | Path, dataset: Dataset, labels: tuple[AnomalyLabel, ...], threshold: float = 0.5
+    graph: bytes | Path,
+    dataset: Dataset,
+    labels: tuple[AnomalyLabel, ...],
+    threshold: float = DEFAULT_THRESHOLD,
 ) -> Evaluated:
     """Run the graph on every image of `dataset` and compute the metrics."""
     session = ort.InferenceSession(
         graph if isinstance(graph, bytes) else str(graph), providers=["CPUExecutionProvider"]
     )
     outputs = [output.name for output in session.get_outputs()]
-    segmentation = "label_map" in outputs and bool(labels) and dataset.is_segmentation
-    wanted = ["anomaly_score", *(name for name in ("anomaly_map", "label_map") if name in outputs)]
+    segmentation = LABEL_MAP_OUTPUT in outputs and bool(labels) and dataset.is_segmentation
+    wanted = [SCORE_OUTPUT, *(name for name in (ANOMALY_MAP_OUTPUT, LABEL_MAP_OUTPUT) if name in outputs)]
     remap = _label_remap(dataset.labels, labels) if segmentation else None
     truths, scores, maps, true_maps, predicted_maps = [], [], [], [], []
     items = []
     for sample in dataset.samples:
         image = dataset.load_image(sample)
-        result = dict(zip(wanted, session.run(wanted, {"image": image}), strict=True))
-        score = float(np.asarray(result["anomaly_score"]).reshape(-1)[0])
+        result = dict(zip(wanted, session.run(wanted, {INPUT_NAME: image}), strict=True))
+        score = float(np.asarray(result[SCORE_OUTPUT]).reshape(-1)[0])
+        anomalous = is_anomalous(score, threshold)
         truth_map = dataset.load_label_map(sample)
         if truth_map is not None and remap is not None:
             truth_map = remap[truth_map]
-        predicted_map = result.get("label_map") if segmentation else None
+        predicted_map = (
+            verdict_label_map(np.asarray(result[LABEL_MAP_OUTPUT], dtype=np.uint8), anomalous)
+            if segmentation
+            else None
+        )
         truths.append(sample.is_anomalous)
         scores.append(score)
-        if truth_map is not None and "anomaly_map" in result:
+        if truth_map is not None and ANOMALY_MAP_OUTPUT in result:
             true_maps.append(truth_map)
-            maps.append(np.asarray(result["anomaly_map"], dtype=np.float32))
+            maps.append(np.asarray(result[ANOMALY_MAP_OUTPUT], dtype=np.float32))
         if predicted_map is not None and truth_map is not None:
-            predicted_maps.append(np.asarray(predicted_map, dtype=np.uint8))
+            predicted_maps.append(predicted_map)
         items.append(
             ReportItem(
                 name=sample.image_path.name,
                 image=image,
                 is_anomalous=sample.is_anomalous,
                 score=score,
-                predicted=score >= threshold,
+                predicted=anomalous,
                 label_map_true=truth_map if segmentation else None,
-                label_map_pred=np.asarray(predicted_map, dtype=np.uint8)
-                if predicted_map is not None
-                else None,
+                label_map_pred=predicted_map,
                 labels=labels if segmentation else (),
             )
         )
     truth_array = np.array(truths, dtype=bool)
     score_array = np.array(scores)
+    verdicts = np.array([item.predicted for item in items], dtype=bool)
     metrics: dict[str, Any] = {
         "threshold": threshold,
         "images": {"normal": int((~truth_array).sum()), "anomalous": int(truth_array.sum())},
-        "classification": classification_metrics(truth_array, score_array >= threshold),
+        "classification": classification_metrics(truth_array, verdicts),
     }
     if truth_array.any() and not truth_array.all():
         metrics["auroc"] = auroc(truth_array, score_array)

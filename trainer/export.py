@@ -6,10 +6,12 @@
       -> blurred grid map -> max -> logistic calibration          -> anomaly_score
       -> grid map resized to [H, W]                               -> anomaly_map
       -> segmentation: softmax regression per patch, label logits relative to the
-         background's resized to [H, W], P(anomaly) >= pixel threshold, likeliest label,
-         zero for normal images
+         background's resized to [H, W], P(anomaly) >= pixel threshold, likeliest label
                                                                   -> label_map, anomaly_map
 
+The names and types are the graph contract of lookout_edge.contract. The label map is not
+gated by the image verdict here: whoever serves the graph applies the contract's verdict rule
+with the manifest's threshold, so that a changed threshold moves verdict and mask together.
 Only operators TensorRT's ONNX parser takes are used, and no shape is dynamic.
 `reference_outputs` computes the same outputs with the numpy functions of
 trainer/patchcore.py and trainer/segmentation.py.
@@ -24,6 +26,13 @@ import numpy as np
 import onnx
 from onnx import TensorProto, helper, numpy_helper
 
+from lookout_edge.contract import (
+    ANOMALY_MAP_OUTPUT,
+    LABEL_MAP_OUTPUT,
+    SCORE_OUTPUT,
+    check_graph_io,
+    onnx_graph_io,
+)
 from lookout_edge.trainer.features import FEATURES_OUTPUT, FeatureLayout, append_resize, build_feature_graph
 from lookout_edge.trainer.patchcore import (
     anomaly_grid,
@@ -34,8 +43,6 @@ from lookout_edge.trainer.patchcore import (
 )
 from lookout_edge.trainer.reference import resize_bilinear
 from lookout_edge.trainer.segmentation import SegmentationHead
-
-THRESHOLD = 0.5  # calibrated_score maps the raw threshold here
 
 
 @dataclass(frozen=True)
@@ -95,21 +102,23 @@ def build_model_graph(weights: dict[str, np.ndarray], model: TrainedModel) -> on
     inverse_scale = n.constant("inverse_scale", np.array(1.0 / model.scale, np.float32))
     offset = n.constant("offset", np.array(-model.centre / model.scale, np.float32))
     logit = n.add("Add", [n.add("Mul", [raw, inverse_scale], "raw_scaled"), offset], "score_logit")
-    n.add("Sigmoid", [logit], "anomaly_score")
+    # The sigmoid maps the raw threshold (`centre`) to 0.5, the contract's DEFAULT_THRESHOLD.
+    n.add("Sigmoid", [logit], SCORE_OUTPUT)
     image_shape = n.constant("image_map_shape", np.array([height, width], np.int64))
-    outputs = [helper.make_tensor_value_info("anomaly_score", TensorProto.FLOAT, [])]
+    outputs = [helper.make_tensor_value_info(SCORE_OUTPUT, TensorProto.FLOAT, [])]
 
     if model.head is None:
         resized = append_resize(graph, grid_map, layout.grid, (height, width))
-        n.add("Reshape", [resized, image_shape], "anomaly_map")
+        n.add("Reshape", [resized, image_shape], ANOMALY_MAP_OUTPUT)
     else:
         _segmentation_nodes(n, model, grid_map, image_shape)
-        outputs.append(helper.make_tensor_value_info("label_map", TensorProto.UINT8, [height, width]))
-    outputs.append(helper.make_tensor_value_info("anomaly_map", TensorProto.FLOAT, [height, width]))
+        outputs.append(helper.make_tensor_value_info(LABEL_MAP_OUTPUT, TensorProto.UINT8, [height, width]))
+    outputs.append(helper.make_tensor_value_info(ANOMALY_MAP_OUTPUT, TensorProto.FLOAT, [height, width]))
     del graph.output[:]
     graph.output.extend(outputs)
     graph.name = "lookout_edge_patchcore"
     onnx.checker.check_model(onnx_model, full_check=True)
+    check_graph_io(*onnx_graph_io(onnx_model), width, height, model.head is not None, "the exported graph")
     return onnx_model
 
 
@@ -139,19 +148,14 @@ def _segmentation_nodes(n: _Nodes, model: TrainedModel, grid_map: str, image_sha
         best = n.add("ArgMax", [pixel_logits], "best_label_index", axis=1, keepdims=1)
         label = n.add("Add", [best, n.constant("label_offset", np.array(1, np.int64))], "best_label")
     anomaly = n.add("Sigmoid", [log_sum], "anomaly_probability")
-    n.add("Reshape", [anomaly, image_shape], "anomaly_map")
+    n.add("Reshape", [anomaly, image_shape], ANOMALY_MAP_OUTPUT)
     pixel_threshold = n.constant("pixel_threshold", np.array(head.pixel_threshold, np.float32))
     below = n.add("Less", [anomaly, pixel_threshold], "below_pixel_threshold")
     # Labels stay int64 until the last node: TensorRT has no uint8 tensors inside a graph.
     zero = n.constant("zero_label", np.array(0, np.int64))
     pixel_label = n.add("Where", [below, zero, label], "pixel_label")
-    # A normal verdict comes with an empty mask.
-    normal = n.add(
-        "Less", ["anomaly_score", n.constant("threshold", np.array(THRESHOLD, np.float32))], "image_is_normal"
-    )
-    gated = n.add("Where", [normal, zero, pixel_label], "gated_label")
-    flat = n.add("Reshape", [gated, image_shape], "label_map_int")
-    n.add("Cast", [flat], "label_map", to=TensorProto.UINT8)
+    flat = n.add("Reshape", [pixel_label, image_shape], "label_map_int")
+    n.add("Cast", [flat], LABEL_MAP_OUTPUT, to=TensorProto.UINT8)
 
 
 def reference_outputs(model: TrainedModel, patches: np.ndarray) -> dict[str, np.ndarray]:
@@ -160,12 +164,11 @@ def reference_outputs(model: TrainedModel, patches: np.ndarray) -> dict[str, np.
     size = (layout.image_height, layout.image_width)
     grid_map = anomaly_grid(patches, model.bank, layout.grid)
     score = float(calibrated_score(raw_score(grid_map), model.centre, model.scale))
-    outputs = {"anomaly_score": np.array(score)}
+    outputs = {SCORE_OUTPUT: np.array(score)}
     if model.head is None:
-        outputs["anomaly_map"] = resize_bilinear(grid_map[None].astype(np.float64), *size)[0]
+        outputs[ANOMALY_MAP_OUTPUT] = resize_bilinear(grid_map[None].astype(np.float64), *size)[0]
         return outputs
     anomaly, label = model.head.pixel_maps(patches, grid_map.reshape(-1), layout.grid, size)
-    outputs["anomaly_map"] = anomaly
-    label_map = model.head.label_map(anomaly, label)
-    outputs["label_map"] = label_map if score >= THRESHOLD else np.zeros_like(label_map)
+    outputs[ANOMALY_MAP_OUTPUT] = anomaly
+    outputs[LABEL_MAP_OUTPUT] = model.head.label_map(anomaly, label)
     return outputs

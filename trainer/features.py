@@ -16,6 +16,7 @@ import onnx
 import onnxruntime as ort
 from onnx import TensorProto, helper, numpy_helper
 
+from lookout_edge.contract import INPUT_NAME
 from lookout_edge.trainer.architecture import NETWORK_STRIDE, STAGES, feature_name, stage_stride
 from lookout_edge.trainer.backbone import build_backbone_graph
 from lookout_edge.trainer.interpolation import bilinear_matrix
@@ -127,5 +128,5 @@ class FeatureExtractor:
 
     def __call__(self, image: np.ndarray) -> np.ndarray:
         """[C, P] float32 patch features of one [H, W, 3] uint8 image."""
-        (features,) = self._session.run([FEATURES_OUTPUT], {"image": image})
+        (features,) = self._session.run([FEATURES_OUTPUT], {INPUT_NAME: image})
         return np.asarray(features)

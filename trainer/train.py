@@ -9,7 +9,8 @@
 4. Calibration. Each training normal is scored against the bank without its own patches
    (what an unseen normal image would get); anomalous training images against the whole
    bank. The raw threshold maximises F1 on these scores, or, with normal images only,
-   follows `threshold_from_normals`. A logistic curve maps the raw threshold to 0.5 and the
+   follows `threshold_from_normals`. A logistic curve maps the raw threshold to the contract's
+   DEFAULT_THRESHOLD (0.5), which the manifest records, and the
    median normal score to 0.1.
 5. Segmentation (masks given): the head of trainer/segmentation.py, its pixel threshold
    chosen on two-fold cross-fitted predictions over the anomalous training images.
@@ -28,6 +29,7 @@ from typing import Any
 
 import numpy as np
 
+from lookout_edge.contract import DEFAULT_THRESHOLD
 from lookout_edge.package import write_package
 from lookout_edge.trainer.datasets import Dataset, DatasetError, Sample, load_dataset
 from lookout_edge.trainer.evaluate import evaluate_model
@@ -243,7 +245,7 @@ def train(
         "model_arn": f"lookout-edge:{component_name}",
         "model_type": "segmentation" if model.head is not None else "classification",
         "image": {"width": train_set.width, "height": train_set.height},
-        "threshold": 0.5,
+        "threshold": DEFAULT_THRESHOLD,
         "labels": [{"name": label.name, "color": label.color} for label in train_set.labels]
         if model.head is not None
         else [],

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -197,3 +198,42 @@ def test_evaluate_command(segmentation_package: Path, segmentation_dataset: Path
     assert {"classification", "auroc", "pixel_auroc", "segmentation"} <= set(metrics)
     assert (report / "report.html").is_file()
     assert len(json.loads((report / "evaluation.json").read_text())["results"]) == 60
+
+
+def test_a_changed_threshold_moves_verdict_and_mask_together(
+    segmentation_package: Path, segmentation_dataset: Path, tmp_path: Path
+) -> None:
+    """The threshold lives in the manifest alone: raised above an anomalous image's score, the
+    agent and `evaluate` both call the image normal and paint no mask."""
+    from lookout_edge.agent.config import AgentConfig
+    from lookout_edge.trainer.evaluate import evaluate_package
+    from tests.conftest import RunningAgent, short_tmpdir
+
+    package = tmp_path / "models" / "parts"
+    shutil.copytree(segmentation_package, package)
+    results = json.loads((package / "evaluation.json").read_text())["results"]
+    flagged = max((r for r in results if r["is_anomalous"] and r["predicted"]), key=lambda r: r["score"])
+    image = next(segmentation_dataset.parent.rglob(flagged["name"]))
+    socket = short_tmpdir() / "agent.sock"
+    agent = RunningAgent(AgentConfig(socket=f"unix://{socket}", models_dir=package.parent))
+    try:
+        with agent.client() as client:
+            client.start_and_wait("parts", timeout=60)
+            before = client.detect(image, "parts")
+            assert before.is_anomalous and before.mask is not None
+            assert (before.mask != 255).any(), "the default threshold paints the defect"
+            client.stop_model("parts")
+            manifest = json.loads((package / "manifest.json").read_text())
+            manifest["threshold"] = (flagged["score"] + 1.0) / 2
+            (package / "manifest.json").write_text(json.dumps(manifest))
+            client.start_and_wait("parts", timeout=60)
+            after = client.detect(image, "parts")
+    finally:
+        agent.close()
+    assert after.anomaly_score == pytest.approx(before.anomaly_score)
+    assert not after.is_anomalous
+    assert after.mask is not None and (after.mask == 255).all()
+    assert [a.area for a in after.anomalies if a.name != "background"] == [0.0, 0.0]
+    evaluated = evaluate_package(package, segmentation_dataset)
+    item = next(i for i in evaluated.items if i.name == flagged["name"])
+    assert not item.predicted and item.label_map_pred is not None and not item.label_map_pred.any()
