@@ -12,11 +12,10 @@ import numpy as np
 from PIL import Image
 
 from lookout_edge import DEFAULT_SOCKET
-from lookout_edge.protocol import pb2, pb2_grpc
+from lookout_edge.protocol import GRPC_MESSAGE_OPTIONS, pb2, pb2_grpc
 from lookout_edge.shm import OwnedSegment
 
 # A 4096x4096 RGB888 mask returned as bytes is 48 MiB.
-MAX_MESSAGE_BYTES = 4096 * 4096 * 3 + (1 << 20)
 
 ImageInput = np.ndarray | Image.Image | str | Path
 
@@ -89,13 +88,7 @@ class EdgeAgentClient:
         shm_prefix: str = "lookout_edge_client",
         shm_mode: int = 0o660,
     ) -> None:
-        self._channel = grpc.insecure_channel(
-            socket,
-            options=[
-                ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
-                ("grpc.max_send_message_length", MAX_MESSAGE_BYTES),
-            ],
-        )
+        self._channel = grpc.insecure_channel(socket, options=GRPC_MESSAGE_OPTIONS)
         self._stub = pb2_grpc.EdgeAgentStub(self._channel)
         self._timeout = timeout
         self._segment: OwnedSegment | None = None

@@ -17,6 +17,9 @@ from lookout_edge.package import find_package
 
 SINK_TYPES = ("jsonl", "mqtt", "greengrass")
 _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
+# Greengrass IoT Core QoS, by the names of awsiot.greengrasscoreipc.model.QOS.
+QOS_NAMES = ("AT_MOST_ONCE", "AT_LEAST_ONCE")
+DEFAULT_QOS = "AT_LEAST_ONCE"
 
 
 class ConfigError(ValueError):
@@ -202,8 +205,8 @@ def _sink(raw: Any, index: int, state_dir: Path) -> SinkConfig:
     if kind == "greengrass":
         if not (data.get("topic") or data.get("iot_core_topic")):
             raise ConfigError(f"{where}: give topic (local publish/subscribe), iot_core_topic, or both")
-        if data.get("qos", "AT_LEAST_ONCE") not in ("AT_MOST_ONCE", "AT_LEAST_ONCE"):
-            raise ConfigError(f"{where}.qos: AT_MOST_ONCE or AT_LEAST_ONCE, got {data['qos']!r}")
+        if data.get("qos", DEFAULT_QOS) not in QOS_NAMES:
+            raise ConfigError(f"{where}.qos: {' or '.join(QOS_NAMES)}, got {data['qos']!r}")
     spool = Path(spool_dir) if spool_dir else state_dir / "spool" / f"{index}-{kind}"
     return SinkConfig(kind, data, spool, spool_max)
 

@@ -8,9 +8,8 @@ from __future__ import annotations
 
 from typing import Any
 
+from .config import DEFAULT_QOS
 from .sinks import Transport
-
-QOS_VALUES = {"AT_MOST_ONCE": "0", "AT_LEAST_ONCE": "1"}  # awsiot.greengrasscoreipc.model.QOS
 
 
 class GreengrassTransport(Transport):
@@ -22,17 +21,14 @@ class GreengrassTransport(Transport):
     def __init__(self, settings: dict[str, Any]) -> None:
         self._topic: str | None = settings.get("topic")
         self._iot_core_topic: str | None = settings.get("iot_core_topic")
-        qos = str(settings.get("qos", "AT_LEAST_ONCE"))
-        if qos not in QOS_VALUES:
-            raise ValueError(f"qos: one of {', '.join(QOS_VALUES)}, got {qos!r}")
-        self._qos = QOS_VALUES[qos]
+        self._qos = str(settings.get("qos", DEFAULT_QOS))  # a QOS name, checked by config.py
         self._timeout = float(settings.get("timeout", 10.0))
         self._client: Any = None
         self._local_done: bytes | None = None  # retried after an IoT Core failure: not published twice
 
     def deliver(self, event: dict[str, Any], payload: bytes) -> None:
         from awsiot.greengrasscoreipc.clientv2 import GreengrassCoreIPCClientV2
-        from awsiot.greengrasscoreipc.model import JsonMessage, PublishMessage
+        from awsiot.greengrasscoreipc.model import QOS, JsonMessage, PublishMessage
 
         if self._client is None:
             self._client = GreengrassCoreIPCClientV2()
@@ -45,7 +41,7 @@ class GreengrassTransport(Transport):
             self._local_done = payload
         if self._iot_core_topic:
             self._client.publish_to_iot_core_async(
-                topic_name=self._iot_core_topic.format(**names), qos=self._qos, payload=payload
+                topic_name=self._iot_core_topic.format(**names), qos=getattr(QOS, self._qos), payload=payload
             ).result(self._timeout)
 
     def reset(self) -> None:
