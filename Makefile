@@ -38,7 +38,9 @@ lint: setup
 	$(BIN)/ruff format --check .
 	$(BIN)/mypy
 
+# The wheel smoke installs the built wheel into a clean venv and trains, serves and detects with it.
 test: lint
+	$(PY) tests/wheel_smoke.py
 	$(BIN)/pytest
 
 demo: setup

@@ -15,7 +15,7 @@ from lookout_edge import DEFAULT_SOCKET
 from lookout_edge.protocol import GRPC_MESSAGE_OPTIONS, pb2, pb2_grpc
 from lookout_edge.shm import OwnedSegment
 
-# A 4096x4096 RGB888 mask returned as bytes is 48 MiB.
+__all__ = ["AnomalyArea", "Detection", "EdgeAgentClient", "EdgeAgentError", "ModelState", "as_rgb_array"]
 
 ImageInput = np.ndarray | Image.Image | str | Path
 

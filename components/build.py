@@ -41,10 +41,20 @@ DEFAULT_GLIBC = "2.28"
 CAMERA_CLIENT_EXTRAS = "camera,greengrass"
 
 
+# What a wheel is not built from: setuptools' own build/ folder would carry modules since
+# deleted from the checkout into the wheel.
+_NOT_SOURCES = shutil.ignore_patterns(
+    ".git", ".venv", "build", "dist", "*.egg-info", "__pycache__", ".*_cache", ".hypothesis"
+)
+
+
 def build_wheel(destination: Path) -> Path:
-    """The project's wheel, built from this checkout with the installed setuptools (no download)."""
+    """The project's wheel, built from a clean copy of this checkout with the installed
+    setuptools (no download)."""
     destination.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory() as scratch:
+        source = Path(scratch) / "source"
+        shutil.copytree(ROOT, source, symlinks=True, ignore=_NOT_SOURCES)
         subprocess.run(
             [
                 sys.executable,
@@ -56,7 +66,7 @@ def build_wheel(destination: Path) -> Path:
                 "--no-build-isolation",
                 "--wheel-dir",
                 scratch,
-                str(ROOT),
+                str(source),
             ],
             check=True,
         )

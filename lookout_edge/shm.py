@@ -20,6 +20,8 @@ from typing import TypeVar
 
 import numpy as np
 
+__all__ = ["SHM_DIR", "OwnedSegment", "SegmentError", "normalize_name", "with_region"]
+
 SHM_DIR = Path("/dev/shm")
 NAME_MAX = 255
 T = TypeVar("T")

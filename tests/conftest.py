@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import importlib.abc
-import importlib.machinery
 import os
 import shutil
 import signal
@@ -23,26 +21,11 @@ from lookout_edge.agent.server import AgentServer
 from lookout_edge.client.edge_client import EdgeAgentClient
 from lookout_edge.protocol import pb2, pb2_grpc
 from lookout_edge.shm import OwnedSegment
+from tests.namespace import refuse_bare_imports
 from tests.sample_models import write_sample_package
 
 ROOT = Path(__file__).resolve().parent.parent
-# The repository's folders that are importable only as lookout_edge.<name> (docs/architecture.md).
-SUBPACKAGE_FOLDERS = ("agent", "cli", "client", "components", "recipes", "trainer")
-
-
-class RefuseBareImports(importlib.abc.MetaPathFinder):
-    """Fails any import of a repository folder under a bare top-level name (`import agent`):
-    the same file would otherwise be loaded twice, as `agent.x` and `lookout_edge.agent.x`."""
-
-    def find_spec(self, name: str, path: object = None, target: object = None) -> None:
-        if path is None and name in SUBPACKAGE_FOLDERS:
-            spec = importlib.machinery.PathFinder.find_spec(name)
-            locations = list(spec.submodule_search_locations or []) if spec else []
-            if any(Path(location).resolve().parent == ROOT for location in locations):
-                raise ImportError(f"'{name}' imported under a bare name; import lookout_edge.{name} instead")
-
-
-sys.meta_path.insert(0, RefuseBareImports())
+refuse_bare_imports()
 # Small images keep the tests fast; 64 px is the API's minimum side.
 WIDTH, HEIGHT = 128, 96
 IMAGE_BYTES = WIDTH * HEIGHT * 3

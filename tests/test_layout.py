@@ -15,7 +15,9 @@ from pathlib import Path
 
 from PIL import Image
 
-from .conftest import ROOT, SUBPACKAGE_FOLDERS, RunningAgent, lookout_edge_command, make_image
+from tests.namespace import SUBPACKAGE_FOLDERS
+
+from .conftest import ROOT, RunningAgent, lookout_edge_command, make_image
 
 PACKAGE = ROOT / "lookout_edge"
 BASE = "base"
