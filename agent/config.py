@@ -13,10 +13,10 @@ import yaml
 
 from lookout_edge import DEFAULT_SOCKET
 
+from .backends.base import ACCELERATORS, DEFAULT_ENGINE_CACHE_DIR
+
 ENV_PREFIX = "LOOKOUT_EDGE_"
 DEFAULT_MODELS_DIR = "/var/lib/lookout-edge/models"
-DEFAULT_ENGINE_CACHE_DIR = "/var/lib/lookout-edge/engines"
-ACCELERATORS = ("auto", "cpu", "cuda", "tensorrt")
 PRECISIONS = ("auto", "fp16", "fp32")
 
 

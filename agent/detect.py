@@ -11,9 +11,9 @@ from lookout_edge.contract import clip_score, confidence_of, is_anomalous, verdi
 from lookout_edge.package import BACKGROUND_COLOR, BACKGROUND_NAME, MAX_SIDE, MIN_SIDE, ModelPackage
 from lookout_edge.protocol import pb2
 
+from .backends.base import Backend, Inference
 from .errors import InvalidArgument
-from .models import LoadedModel, ModelRegistry
-from .runtime import Inference
+from .models import ModelRegistry
 
 
 @dataclass(frozen=True)
@@ -78,7 +78,7 @@ def mask_region(request: pb2.DetectAnomaliesRequest, package: ModelPackage) -> S
     return None
 
 
-def _run_model(model: LoadedModel, source: bytes | ShmRegion, package: ModelPackage) -> Inference:
+def _run_model(model: Backend, source: bytes | ShmRegion, package: ModelPackage) -> Inference:
     shape = (package.height, package.width, 3)
     if isinstance(source, bytes):
         return model.run(np.frombuffer(source, dtype=np.uint8).reshape(shape))

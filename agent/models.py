@@ -3,6 +3,10 @@
 States and transitions follow the Edge Agent API reference:
 STOPPED/FAILED --StartModel--> STARTING --(background load)--> RUNNING or FAILED;
 RUNNING --StopModel--> STOPPING --(in-flight calls finish)--> STOPPED.
+
+A running model is a `Backend` (backends/base.py) chosen and loaded by a `BackendSelector`
+(backends/selector.py). Every backend is closed exactly once: by StopModel, or when its package
+is removed from the models directory (at once, or by the last in-flight call's release).
 """
 
 from __future__ import annotations
@@ -10,21 +14,20 @@ from __future__ import annotations
 import logging
 import math
 import threading
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Protocol
 
 import numpy as np
 
 from lookout_edge.package import MANIFEST_NAME, ModelPackage, PackageError, package_dirs, read_package
 from lookout_edge.protocol import pb2
 
-from .backends import GpuOutOfMemory
+from .backends.base import Backend, GpuOutOfMemory
+from .backends.selector import BackendSelector, Plan
 from .errors import FailedPrecondition, ModelNotFound, ResourceExhausted
 from .malloc import release_free_memory
-from .runtime import Inference, OnnxModel
 
 log = logging.getLogger(__name__)
 
@@ -39,13 +42,6 @@ STOPPED, STARTING, RUNNING, FAILED, STOPPING = (
 
 def status_name(status: int) -> str:
     return pb2.ModelStatus.Name(status)
-
-
-class LoadedModel(Protocol):
-    def run(self, image: np.ndarray) -> Inference: ...
-
-
-ModelLoader = Callable[[ModelPackage], LoadedModel]
 
 
 @dataclass(frozen=True)
@@ -84,10 +80,11 @@ class ModelSlot:
         self.package: ModelPackage | None = None  # newest package on disk
         self.package_error = ""  # why the package on disk cannot be served
         self.loaded_package: ModelPackage | None = None  # what the running model was loaded from
-        self.model: LoadedModel | None = None
+        self.model: Backend | None = None
         self.status = STOPPED
         self.status_message = ""
         self.in_flight = 0
+        self.closing: Backend | None = None  # a removed package's model, for the last call to close
 
     def info(self) -> ModelInfo:
         with self.cond:
@@ -113,15 +110,12 @@ class ModelRegistry:
         models_dir: Path,
         queue_size: int = 8,
         memory_limit_bytes: int | None = None,
-        loader: ModelLoader | None = None,
-        fits_device: Callable[[ModelPackage, int], None] | None = None,
+        backends: BackendSelector | None = None,
     ) -> None:
         self.models_dir = models_dir
         self.queue_size = queue_size
         self.memory_limit_bytes = memory_limit_bytes
-        self._loader: ModelLoader = loader or OnnxModel
-        # Raises ResourceExhausted when the model's accelerator lacks the memory (agent/backends.py).
-        self._fits_device = fits_device
+        self.backends = backends or BackendSelector("cpu")
         self._lock = threading.Lock()
         self._start_lock = threading.Lock()
         self._scanned: dict[Path, _Scanned] = {}
@@ -167,8 +161,10 @@ class ModelRegistry:
             slot = self._slots.pop(name)
             with slot.cond:
                 log.info("model %s removed from %s; unloading it", name, self.models_dir)
-                if slot.in_flight == 0:  # otherwise the last call's reference frees it
+                if slot.in_flight == 0:
                     _close(slot.model)
+                else:  # the calls still run on it: the last one's release closes it (acquire)
+                    slot.closing = slot.model
                 slot.status, slot.model, slot.loaded_package = STOPPED, None, None
 
     # -- queries -----------------------------------------------------------------------------
@@ -198,6 +194,21 @@ class ModelRegistry:
         """Begin loading a model; returns STARTING at once (RUNNING or FAILED follows)."""
         self.refresh()
         slot = self._slot(name)
+        while True:
+            with slot.cond:
+                package, package_error = slot.package, slot.package_error
+            # Planning probes the device (CUDA), which can take a while: it holds no lock, so
+            # DescribeModel and ListModels go on answering meanwhile.
+            planned = self._plan(package, package_error)
+            if self._begin_start(slot, package, planned):
+                break  # otherwise a rescan replaced the package while planning: plan the new one
+        threading.Thread(target=self._load, args=(slot, planned), name=f"load-{name}", daemon=True).start()
+        return STARTING
+
+    def _begin_start(
+        self, slot: ModelSlot, package: ModelPackage | None, planned: _Planned | PackageError
+    ) -> bool:
+        """Move the slot to STARTING if the model fits; False if `package` is no longer the slot's."""
         # One start decision at a time, so two starts cannot both fit into the memory budget.
         # Lock order: _start_lock, then _lock or one slot's cond, never both of the latter.
         with self._start_lock:
@@ -207,16 +218,27 @@ class ModelRegistry:
             with slot.cond:
                 if slot.status not in (STOPPED, FAILED):
                     raise FailedPrecondition(
-                        f"model '{name}' is {status_name(slot.status)}; StartModel needs STOPPED or FAILED"
+                        f"model '{slot.name}' is {status_name(slot.status)}; "
+                        "StartModel needs STOPPED or FAILED"
                     )
-                package = slot.package
-                if package is not None:
-                    self._check_memory(package, in_use)
+                if slot.package is not package:
+                    return False
+                if not isinstance(planned, PackageError):
+                    self._check_memory(planned, in_use)
                 slot.status, slot.status_message = STARTING, "loading the model"
-        threading.Thread(target=self._load, args=(slot, package), name=f"load-{name}", daemon=True).start()
-        return STARTING
+                return True
 
-    def _check_memory(self, package: ModelPackage, in_use: int) -> None:
+    def _plan(self, package: ModelPackage | None, package_error: str) -> _Planned | PackageError:
+        """The package and its backend plan, or why the model will be FAILED once loading begins."""
+        if package is None:
+            return PackageError(package_error or "the package cannot be read")
+        try:
+            return _Planned(package, self.backends.plan(package))
+        except PackageError as exc:
+            return exc
+
+    def _check_memory(self, planned: _Planned, in_use: int) -> None:
+        package = planned.package
         needed = estimated_memory(package)
         available = available_memory()
         if needed > available:
@@ -230,18 +252,17 @@ class ModelRegistry:
                 f"{in_use >> 20} MiB of the agent's {self.memory_limit_bytes >> 20} MiB memory limit. "
                 "Stop another model or raise memory_limit_mb"
             )
-        if self._fits_device is not None:
-            self._fits_device(package, needed)
+        self.backends.check_fits(planned.plan, needed)
 
-    def _load(self, slot: ModelSlot, package: ModelPackage | None) -> None:
+    def _load(self, slot: ModelSlot, planned: _Planned | PackageError) -> None:
         try:
-            if package is None:
-                raise PackageError(slot.package_error or "the package cannot be read")
+            if isinstance(planned, PackageError):
+                raise planned
+            package = planned.package
             package.verify_files()
-            model = self._loader(package)
-            warm_up = model.run(np.zeros((package.height, package.width, 3), dtype=np.uint8))
-            if not math.isfinite(warm_up.anomaly_score):
-                raise PackageError(f"{package.model_file.path}: the graph returns a non-finite anomaly score")
+            selection = self.backends.load(package, planned.plan)
+            model = selection.backend
+            _warm_up(model, package)
         except MemoryError:
             self._fail(slot, "not enough memory to load the model; stop another model or free memory")
         except GpuOutOfMemory as exc:
@@ -257,7 +278,7 @@ class ModelRegistry:
                     _close(model)
                     return
                 slot.model, slot.loaded_package = model, package
-                note = getattr(model, "status_note", "")
+                note = "; ".join(filter(None, (selection.note, model.status_note)))
                 slot.status, slot.status_message = (
                     RUNNING,
                     "model is running" + (f"; warning: {note}" if note else ""),
@@ -288,7 +309,7 @@ class ModelRegistry:
         return STOPPED
 
     @contextmanager
-    def acquire(self, name: str) -> Iterator[tuple[ModelPackage, LoadedModel]]:
+    def acquire(self, name: str) -> Iterator[tuple[ModelPackage, Backend]]:
         """Admit one inference call: the model must be RUNNING and its queue not full."""
         slot = self._slot(name)
         with slot.cond:
@@ -308,15 +329,38 @@ class ModelRegistry:
         try:
             yield package, model
         finally:
+            closing = None
             with slot.cond:
                 slot.in_flight -= 1
+                if slot.in_flight == 0:  # the last call on a removed package's model closes it
+                    closing, slot.closing = slot.closing, None
                 slot.cond.notify_all()
+            if closing is not None:
+                _close(closing)
 
 
-def _close(model: LoadedModel | None) -> None:
-    close = getattr(model, "close", None)
-    if close is not None:
-        close()
+@dataclass(frozen=True)
+class _Planned:
+    """A package about to start, and the backend plan made for it (the device probed once)."""
+
+    package: ModelPackage
+    plan: Plan
+
+
+def _warm_up(model: Backend, package: ModelPackage) -> None:
+    """One inference on a black image; a model that fails it is closed, not left to the GC."""
+    try:
+        warm_up = model.run(np.zeros((package.height, package.width, 3), dtype=np.uint8))
+        if not math.isfinite(warm_up.anomaly_score):
+            raise PackageError(f"{package.model_file.path}: the graph returns a non-finite anomaly score")
+    except BaseException:
+        _close(model)
+        raise
+
+
+def _close(model: Backend | None) -> None:
+    if model is not None:
+        model.close()
     release_free_memory()
 
 

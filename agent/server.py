@@ -18,7 +18,7 @@ import grpc
 
 from lookout_edge.protocol import pb2_grpc
 
-from .backends import BackendSelector
+from .backends.selector import BackendSelector
 from .config import AgentConfig
 from .malloc import tune_malloc
 from .models import ModelRegistry
@@ -70,13 +70,7 @@ class AgentServer:
         self.config = config
         memory_limit = None if config.memory_limit_mb is None else config.memory_limit_mb << 20
         selector = BackendSelector(config.accelerator, config.engine_cache_dir, config.tensorrt_precision)
-        self.registry = ModelRegistry(
-            config.models_dir,
-            config.queue_size,
-            memory_limit,
-            loader=selector,
-            fits_device=selector.check_fits,
-        )
+        self.registry = ModelRegistry(config.models_dir, config.queue_size, memory_limit, selector)
         self._server: grpc.Server | None = None
         self._socket_inode: int | None = None
         self._stopped = threading.Event()

@@ -34,6 +34,7 @@ import onnxruntime as ort
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
+from lookout_edge.agent.backends.base import ACCELERATORS  # noqa: E402
 from lookout_edge.agent.malloc import tune_malloc  # noqa: E402
 from lookout_edge.package import read_package, write_package  # noqa: E402
 from lookout_edge.protocol import pb2, pb2_grpc  # noqa: E402
@@ -253,7 +254,7 @@ def main() -> int:
     parser.add_argument("--quick", action="store_true", help="fewer iterations (a smoke run)")
     parser.add_argument(
         "--backend",
-        choices=("auto", "cpu", "cuda", "tensorrt"),
+        choices=ACCELERATORS,
         default="cpu",
         help="the agent's accelerator setting (default cpu)",
     )

@@ -1,5 +1,5 @@
-"""The GPU backends on a real device. They run wherever agent/cuda.py finds an NVIDIA GPU and the
-backend's package is installed, and skip elsewhere with the reason (no GPU reaches this project's CI)."""
+"""The GPU backends on a real device. They run wherever agent/backends/cuda.py finds an NVIDIA GPU and
+the backend's package is installed, and skip elsewhere with the reason (no GPU reaches this project's CI)."""
 
 from __future__ import annotations
 
@@ -10,9 +10,9 @@ import numpy as np
 import onnxruntime as ort
 import pytest
 
-from lookout_edge.agent import cuda
-from lookout_edge.agent.backends import ort_gpu_backend
-from lookout_edge.agent.runtime import OnnxModel
+from lookout_edge.agent.backends import cuda
+from lookout_edge.agent.backends.ort_backend import OnnxModel, ort_gpu_backend
+from lookout_edge.agent.backends.trt_backend import TensorRTModel
 from lookout_edge.package import read_package
 from tests.sample_models import write_sample_package
 
@@ -51,15 +51,13 @@ def test_onnxruntime_gpu_providers(package: object, tmp_path: Path, tensorrt: bo
     importlib.util.find_spec("tensorrt") is None, reason="the tensorrt package is not installed"
 )
 def test_native_tensorrt_builds_caches_and_frees(package: object, tmp_path: Path) -> None:
-    from lookout_edge.agent.trt_backend import TensorRTModel
-
     assert GPU is not None
     free_before = cuda.probe().free_bytes  # type: ignore[union-attr]
-    model = TensorRTModel(package, tmp_path, "fp32")  # type: ignore[arg-type]
+    model = TensorRTModel(package, GPU, tmp_path, "fp32")  # type: ignore[arg-type]
     _agrees_with_cpu(model, package)
     assert len(list(tmp_path.glob("*.engine"))) == 1
     model.close()
-    again = TensorRTModel(package, tmp_path, "fp32")  # from the cache
+    again = TensorRTModel(package, GPU, tmp_path, "fp32")  # type: ignore[arg-type]  # from the cache
     _agrees_with_cpu(again, package)
     again.close()
     assert cuda.probe().free_bytes >= free_before - (64 << 20)  # type: ignore[union-attr]

@@ -1,4 +1,4 @@
-"""The trainer's graphs against the ONNX-TensorRT parser's supported sets (agent/tensorrt_support/).
+"""The trainer's graphs against the ONNX-TensorRT parser's supported sets (agent/backends/tensorrt_support/).
 
 The graph checked is the one the TensorRT backends build from (`tensorrt_variant` of a trained
 model.onnx), not the package's graph as stored.
@@ -15,7 +15,7 @@ import onnxruntime as ort
 import pytest
 from onnx import TensorProto, helper
 
-from lookout_edge.agent.trt_graph import (
+from lookout_edge.agent.backends.trt_graph import (
     check_graph,
     describe_graph,
     graph_opset,

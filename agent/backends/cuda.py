@@ -1,4 +1,5 @@
-"""The GPU boundary: what NVIDIA GPU the device has, through the CUDA runtime library (ctypes).
+"""The GPU boundary: what NVIDIA GPU the device has, and device memory for the native TensorRT
+backend, through the CUDA runtime library (ctypes).
 
 Nothing here needs a Python CUDA package: JetPack and CUDA installs ship `libcudart.so`. Where
 it is missing or finds no device, `probe()` returns None and the agent serves on the CPU.
@@ -8,6 +9,7 @@ from __future__ import annotations
 
 import ctypes
 import ctypes.util
+import weakref
 from dataclasses import dataclass
 from functools import cache
 
@@ -66,16 +68,23 @@ def probe() -> GpuInfo | None:
 
 
 class DeviceBuffer:
-    """One cudaMalloc'd buffer; `free()` returns it to the GPU."""
+    """One cudaMalloc'd buffer; `free()` returns it to the GPU.
+
+    cudaFree runs exactly once: at `free()`, or when the buffer is dropped without it (a backend
+    that was never closed), so a lost buffer cannot keep GPU memory for the rest of the process.
+    """
 
     def __init__(self, size: int) -> None:
         lib = _runtime()
         if lib is None:
             raise CudaError("loading libcudart", -1)
         self._lib = lib
-        self.pointer = ctypes.c_void_p()
         self.size = size
-        _check("cudaMalloc", lib.cudaMalloc(ctypes.byref(self.pointer), ctypes.c_size_t(size)))
+        pointer = ctypes.c_void_p()
+        _check("cudaMalloc", lib.cudaMalloc(ctypes.byref(pointer), ctypes.c_size_t(size)))
+        self.pointer = pointer
+        self._free = weakref.finalize(self, lib.cudaFree, pointer)
+        self._free.atexit = False  # the driver frees a process's memory when it exits
 
     def upload(self, host: bytes | memoryview) -> None:
         _check("cudaMemcpy", self._lib.cudaMemcpy(self.pointer, bytes(host), ctypes.c_size_t(len(host)), 1))
@@ -84,6 +93,5 @@ class DeviceBuffer:
         _check("cudaMemcpy", self._lib.cudaMemcpy(host, self.pointer, ctypes.c_size_t(self.size), 2))
 
     def free(self) -> None:
-        if self.pointer:
-            self._lib.cudaFree(self.pointer)
-            self.pointer = ctypes.c_void_p()
+        self._free()  # a finalizer runs once: later calls, and the drop, do nothing
+        self.pointer = ctypes.c_void_p()

@@ -11,7 +11,7 @@ have no UINT8 tensors, so the TensorRT backends build from a variant (`tensorrt_
 `check_graph` lists what a parser version does not take: unknown operators, restricted attribute
 values, inputs that must be initializers, element types, dynamic shapes and the opset. The
 supported sets come from onnx-tensorrt's docs/operators.md and are stored in
-agent/tensorrt_support/ with their source. Needs the `onnx` package (the `tensorrt` extra).
+agent/backends/tensorrt_support/ with their source. Needs the `onnx` package (the `tensorrt` extra).
 """
 
 from __future__ import annotations
@@ -45,7 +45,7 @@ _SEMANTIC_CHANGES = {
 
 @dataclass(frozen=True)
 class ParserSupport:
-    """What one TensorRT version's ONNX parser takes (one file of agent/tensorrt_support/)."""
+    """What one TensorRT version's ONNX parser takes (one file of agent/backends/tensorrt_support/)."""
 
     tensorrt: str
     max_opset: int

@@ -1,12 +1,13 @@
 """Native TensorRT backend (the `tensorrt` extra, as JetPack ships it).
 
-Builds an engine from the package's graph as TensorRT sees it (agent/trt_graph.py: float32
-input, int32 label map, opset the parser reads), in FP16 where the GPU has fast FP16 unless the
-precision is fp32, and caches it (agent/engine_cache.py). Refuses, before building, a graph the
+Builds an engine from the package's graph as TensorRT sees it (trt_graph.py: float32 input,
+int32 label map, opset the parser reads), in FP16 where the GPU has fast FP16 unless the
+precision is fp32, and caches it (engine_cache.py). Refuses, before building, a graph the
 installed version's parser does not take, naming each operator and the version.
 
-Device memory is allocated with the CUDA runtime (agent/cuda.py) and freed by `close`.
-Supports the TensorRT 8 binding API and the TensorRT 10 named-tensor API.
+Device memory is allocated with the CUDA runtime (cuda.py) and freed by `close`, or by the
+buffers' finalisers if the backend is dropped without it. Supports the TensorRT 8 binding API
+and the TensorRT 10 named-tensor API.
 """
 
 from __future__ import annotations
@@ -30,24 +31,27 @@ from lookout_edge.contract import (
 from lookout_edge.package import ModelPackage, PackageError
 
 from . import cuda
+from .base import BackendUnavailable, GpuOutOfMemory, Inference
 from .engine_cache import EngineCache, EngineKey
-from .runtime import Inference
 
 WORKSPACE_BYTES = 1 << 30
 
 
 class TensorRTModel:
+    """A TensorRT engine for one package, on `gpu` (the device the selector probed)."""
+
     name = "tensorrt"
     status_note = ""
 
-    def __init__(self, package: ModelPackage, engine_cache_dir: Path, precision: str = "auto") -> None:
+    def __init__(
+        self, package: ModelPackage, gpu: cuda.GpuInfo | None, engine_cache_dir: Path, precision: str = "auto"
+    ) -> None:
+        # The `tensorrt` extra: tensorrt, and onnx, which trt_graph needs at import.
         import onnx
         import tensorrt as trt
 
-        from .backends import BackendUnavailable, GpuOutOfMemory
         from .trt_graph import check_graph, support_for, tensorrt_variant
 
-        gpu = cuda.probe()
         if gpu is None:
             raise BackendUnavailable("TensorRT is installed but no CUDA device was found")
         self._trt = trt
@@ -99,9 +103,6 @@ class TensorRTModel:
         self._outputs = [
             name for name in (SCORE_OUTPUT, CONFIDENCE_OUTPUT, LABEL_MAP_OUTPUT) if name in self._shapes
         ]
-        self._memory = sum(buffer.size for buffer in self._buffers.values()) + int(
-            getattr(self._engine, "device_memory_size", 0)
-        )
 
     def _build(self, builder: Any, graph: bytes, fp16: bool) -> bytes:
         trt = self._trt
@@ -177,13 +178,6 @@ class TensorRTModel:
             if label_map is None
             else label_map.reshape(self._height, self._width).astype(np.uint8),
         )
-
-    def run_batch(self, images: Sequence[np.ndarray]) -> list[Inference]:
-        """The engine is built for one image (static shapes), so a batch is a sequence of runs."""
-        return [self.run(image) for image in images]
-
-    def memory_bytes(self) -> int:
-        return self._memory
 
     def close(self) -> None:
         """Free the device buffers, the execution context and the engine."""
