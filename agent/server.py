@@ -16,6 +16,7 @@ from types import FrameType
 
 import grpc
 
+from lookout_edge import shm
 from lookout_edge.protocol import pb2_grpc
 
 from .backends.selector import BackendSelector
@@ -71,6 +72,7 @@ class AgentServer:
         memory_limit = None if config.memory_limit_mb is None else config.memory_limit_mb << 20
         selector = BackendSelector(config.accelerator, config.engine_cache_dir, config.tensorrt_precision)
         self.registry = ModelRegistry(config.models_dir, config.queue_size, memory_limit, selector)
+        self.servicer = EdgeAgentServicer(self.registry)
         self._server: grpc.Server | None = None
         self._socket_inode: int | None = None
         self._stopped = threading.Event()
@@ -84,7 +86,7 @@ class AgentServer:
             options=GRPC_OPTIONS,
             maximum_concurrent_rpcs=config.workers * 4,
         )
-        pb2_grpc.add_EdgeAgentServicer_to_server(EdgeAgentServicer(self.registry), server)
+        pb2_grpc.add_EdgeAgentServicer_to_server(self.servicer, server)
         server.add_insecure_port(f"unix:{path}")
         if config.tcp_address:
             server.add_secure_port(config.tcp_address, self._tls_credentials())
@@ -122,7 +124,9 @@ class AgentServer:
                 raise SocketInUse(f"socket_group '{self.config.socket_group}' does not exist") from None
             os.chown(path, -1, gid)
         os.chmod(path, self.config.socket_mode)
-        self._socket_inode = path.stat().st_ino
+        secured = path.stat()
+        self._socket_inode = secured.st_ino
+        self.servicer.shm_access = shm.SegmentAccess.for_socket(secured)
 
     def _rescan_loop(self) -> None:
         while not self._stopped.wait(self.config.rescan_interval):

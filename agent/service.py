@@ -4,11 +4,13 @@ from __future__ import annotations
 
 import functools
 import logging
+import os
 from collections.abc import Callable
 from typing import Any, TypeVar
 
 import grpc
 
+from lookout_edge import shm
 from lookout_edge.protocol import pb2, pb2_grpc
 
 from .detect import detect_anomalies
@@ -56,12 +58,15 @@ def _description(info: ModelInfo) -> pb2.ModelDescription:
 class EdgeAgentServicer(pb2_grpc.EdgeAgentServicer):
     def __init__(self, registry: ModelRegistry) -> None:
         self.registry = registry
+        # Whose shared memory the agent may use for its callers: the server sets it from the
+        # socket once that exists; until then, the strictest rule (the agent's own group).
+        self.shm_access: shm.SegmentAccess | None = shm.SegmentAccess(os.getegid(), None)
 
     @_rpc
     def DetectAnomalies(
         self, request: pb2.DetectAnomaliesRequest, context: grpc.ServicerContext
     ) -> pb2.DetectAnomaliesResponse:
-        return detect_anomalies(self.registry, request)
+        return detect_anomalies(self.registry, request, self.shm_access)
 
     @_rpc
     def DescribeModel(

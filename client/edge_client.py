@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -78,6 +79,18 @@ def _state(description: Any) -> ModelState:
     )
 
 
+def _socket_group(address: str) -> int | None:
+    """The group of a unix: socket's file, where this process belongs to it. The client's
+    segments get that group: the agent uses shared memory its socket's group may use
+    (docs/agent.md#security)."""
+    path = address.removeprefix("unix://") if address.startswith("unix://") else address.removeprefix("unix:")
+    try:
+        gid = os.stat(path).st_gid
+    except OSError:
+        return None
+    return gid if gid == os.getegid() or gid in os.getgroups() else None
+
+
 class EdgeAgentClient:
     """Talks to the agent over its socket. Not thread-safe when `shared_memory=True` is used."""
 
@@ -88,6 +101,7 @@ class EdgeAgentClient:
         shm_prefix: str = "lookout_edge_client",
         shm_mode: int = 0o660,
     ) -> None:
+        self._address = socket
         self._channel = grpc.insecure_channel(socket, options=GRPC_MESSAGE_OPTIONS)
         self._stub = pb2_grpc.EdgeAgentStub(self._channel)
         self._timeout = timeout
@@ -163,7 +177,9 @@ class EdgeAgentClient:
         if self._segment is None or self._segment.size < size:
             if self._segment is not None:
                 self._segment.close()
-            self._segment = OwnedSegment.create(size, prefix=self._shm_prefix, mode=self._shm_mode)
+            self._segment = OwnedSegment.create(
+                size, prefix=self._shm_prefix, mode=self._shm_mode, group=_socket_group(self._address)
+            )
         return self._segment
 
     @staticmethod

@@ -95,6 +95,14 @@ def run_client(stubs: Path, agent: RunningAgent, model: str, image: Path, *flags
 
 
 @pytest.fixture
+def agent(agent_factory) -> RunningAgent:  # type: ignore[no-untyped-def]
+    """The guide's samples create segments with Python's SharedMemory, mode 0600: the agent uses
+    them when client and agent run as one user, as Greengrass runs components. Here that user
+    may be root, so the socket admits its owner alone (docs/api-compatibility.md)."""
+    return agent_factory(socket_mode=0o600)
+
+
+@pytest.fixture
 def anomalous_png(tmp_path: Path) -> Path:
     path = tmp_path / "sample.png"
     Image.fromarray(make_image(red=5)).save(path)
