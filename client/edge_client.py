@@ -92,7 +92,11 @@ def _socket_group(address: str) -> int | None:
 
 
 class EdgeAgentClient:
-    """Talks to the agent over its socket. Not thread-safe when `shared_memory=True` is used."""
+    """Talks to the agent over its socket. Not thread-safe when `shared_memory=True` is used.
+
+    Its channel takes messages up to the agent's limit (the largest bitmap and its mask as bytes),
+    not gRPC's default 4 MiB, which a mask returned as bytes exceeds from about 1.4 megapixels.
+    """
 
     def __init__(
         self,
