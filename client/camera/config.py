@@ -11,6 +11,7 @@ from pathlib import Path
 from typing import Any
 
 import yaml
+from PIL import Image
 
 from lookout_edge import DEFAULT_SOCKET
 from lookout_edge.package import find_package
@@ -20,6 +21,9 @@ _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
 # Greengrass IoT Core QoS, by the names of awsiot.greengrasscoreipc.model.QOS.
 QOS_NAMES = ("AT_MOST_ONCE", "AT_LEAST_ONCE")
 DEFAULT_QOS = "AT_LEAST_ONCE"
+DEFAULT_MAX_PIXELS = 50_000_000
+# Pillow refuses larger images itself (DecompressionBombError) before our own check could run.
+MAX_PIXELS_CEILING = 2 * int(Image.MAX_IMAGE_PIXELS or 89_478_485)
 
 
 class ConfigError(ValueError):
@@ -49,6 +53,7 @@ class CameraConfig:
     reconnect_max: float = 30.0
     loop: bool = False  # video files: start again at the end
     poll_interval: float = 0.5  # folders: how often to look for new images
+    max_pixels: int = DEFAULT_MAX_PIXELS  # folders: larger images are refused before decoding
     options: dict[str, str] = field(default_factory=dict)  # demuxer options passed to FFmpeg
 
     @property
@@ -67,6 +72,7 @@ class ImagesConfig:
     max_count: int = 1000
     max_bytes: int = 1 << 30
     max_age_s: float = 7 * 86400.0
+    min_free_bytes: int = 100 << 20  # below this much free space, frames are not saved
 
 
 @dataclass(frozen=True)
@@ -167,9 +173,22 @@ def _camera(raw: Any, index: int, models_dir: Path | None) -> CameraConfig:
             timings[key] = float(value)
     loop = _take(data, "loop", where, bool, False)
     options = _take(data, "options", where, dict, {})
+    max_pixels = _take(data, "max_pixels", where, int, DEFAULT_MAX_PIXELS)
+    if not 0 < max_pixels <= MAX_PIXELS_CEILING:
+        raise ConfigError(f"{where}.max_pixels: from 1 to {MAX_PIXELS_CEILING}, got {max_pixels}")
     _no_extra(data, where)
     camera = CameraConfig(
-        name, source, model, max_fps, crop, width, height, loop=loop, options=dict(options), **timings
+        name,
+        source,
+        model,
+        max_fps,
+        crop,
+        width,
+        height,
+        loop=loop,
+        options=dict(options),
+        max_pixels=max_pixels,
+        **timings,
     )
     if camera.kind == "file" and not Path(source).is_file():
         raise ConfigError(f"{where}.source: {source} is not a stream URL, a device, a file or a directory")
@@ -253,7 +272,10 @@ def parse_config(raw: Any) -> DaemonConfig:
         _take(images_data, "max_count", "images", int, 1000),
         _take(images_data, "max_bytes", "images", int, 1 << 30),
         float(_take(images_data, "max_age_days", "images", (int, float), 7.0)) * 86400.0,
+        int(_take(images_data, "min_free_mb", "images", (int, float), 100) * (1 << 20)),
     )
+    if images.min_free_bytes < 0:
+        raise ConfigError(f"images.min_free_mb: must be 0 or more, got {images.min_free_bytes / (1 << 20):g}")
     _no_extra(images_data, "images")
 
     status = dict(_mapping(data.pop("status", None), "status"))

@@ -21,13 +21,15 @@ from lookout_edge.shm import SHM_DIR
 from .config import CameraConfig, DaemonConfig
 from .images import ImageStore
 from .sinks import Sink, build_sink
-from .sources import Frame, FrameSource, open_source, to_model_input
+from .sources import Frame, FrameError, FrameSource, open_source, to_model_input
 from .status import CameraStats, StatusReporter
 
 log = logging.getLogger(__name__)
 
 SHM_PREFIX = "lookout_edge_camera"
+AGENT_RETRY_INITIAL_S = 0.5
 AGENT_RETRY_MAX_S = 10.0
+STOP_GRACE_S = 5.0  # beyond agent.timeout, for the cameras to finish their frame at a stop
 
 
 def segment_prefix(camera: str) -> str:
@@ -82,6 +84,12 @@ def make_event(
 
 
 class CameraWorker:
+    """One camera's thread: frames from its source, DetectAnomalies, events to the sinks.
+
+    A failure of one frame or file (it does not decode, it is too large, the agent rejects it,
+    a bug) is logged, counted in the status and skipped: only `stop` ends the thread.
+    """
+
     def __init__(
         self, camera: CameraConfig, config: DaemonConfig, sinks: list[Sink], images: ImageStore | None
     ) -> None:
@@ -90,6 +98,9 @@ class CameraWorker:
         self._config = config
         self._sinks = sinks
         self._images = images
+        self._size = (camera.width, camera.height) if camera.width and camera.height else None
+        self._agent_delay = AGENT_RETRY_INITIAL_S
+        self._model_ready = not config.start_models
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, name=f"camera-{camera.name}", daemon=True)
 
@@ -105,13 +116,14 @@ class CameraWorker:
         )
         source: FrameSource | None = None
         try:
-            source = open_source(self.camera, self.stats)
+            source = open_source(self.camera, self.stats, self._config.state_dir)
             if self.camera.kind != "live":
                 self.stats.set_connected(True)
             self._loop(client, source)
-        except Exception:  # the other cameras carry on; this one says why it stopped
+        except Exception:  # the source cannot be opened; the other cameras carry on
             log.exception("camera %s stopped", self.camera.name)
             self.stats.error("worker stopped, see the log")
+            self.stats.set_connected(False)
         finally:
             if source is not None:
                 source.close()
@@ -119,57 +131,69 @@ class CameraWorker:
 
     def _loop(self, client: EdgeAgentClient, source: FrameSource) -> None:
         camera = self.camera
-        size = (camera.width, camera.height) if camera.width and camera.height else None
         period = 1.0 / camera.max_fps if camera.max_fps else 0.0
         next_slot = time.monotonic()
-        agent_delay = 0.5
-        model_ready = not self._config.start_models
         while not self._stop.is_set():
-            if not model_ready:
-                try:
-                    client.start_and_wait(camera.model, timeout=60.0)
-                    model_ready = True
-                except (EdgeAgentError, TimeoutError) as exc:
-                    self.stats.error(f"model {camera.model}: {exc}")
-                    log.warning("camera %s: model %s not running: %s", camera.name, camera.model, exc)
-                    self._stop.wait(agent_delay)
-                    agent_delay = min(agent_delay * 2, AGENT_RETRY_MAX_S)
-                    continue
+            if not self._model_ready:
+                self._start_model(client)
+                continue
             # Latest-frame semantics: wait for the slot first, then take the newest frame.
             if period and self._stop.wait(max(0.0, next_slot - time.monotonic())):
                 return
             try:
                 frame = source.next_frame(timeout=1.0)
-            except Exception as exc:  # a file that cannot be decoded
-                self.stats.error(f"{camera.source}: {exc}")
-                log.error("camera %s: %s", camera.name, exc)
-                return
-            if frame is None:
-                if source.finished:
-                    log.info("camera %s: end of %s", camera.name, camera.source)
-                    self.stats.set_connected(False)
-                    return
-                continue
-            next_slot = max(next_slot + period, time.monotonic()) if period else 0.0
-            try:
-                pixels = to_model_input(frame.raw, camera.crop, size)
-                started = time.monotonic()
-                detection = client.detect(pixels, camera.model, shared_memory=True)
-                detect_ms = (time.monotonic() - started) * 1000
-            except EdgeAgentError as exc:
-                self.stats.error(str(exc))
-                log.warning("camera %s: DetectAnomalies failed: %s", camera.name, exc)
-                if exc.code in (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED):
-                    self._stop.wait(agent_delay)
-                    agent_delay = min(agent_delay * 2, AGENT_RETRY_MAX_S)
-                elif exc.code == grpc.StatusCode.FAILED_PRECONDITION and self._config.start_models:
-                    model_ready = False
-                continue
-            except ValueError as exc:  # a crop that does not fit the frame
-                self.stats.error(str(exc))
-                continue
-            agent_delay = 0.5
-            self._publish(frame, pixels, detection, detect_ms)
+                if frame is None:
+                    if source.finished:
+                        log.info("camera %s: end of %s", camera.name, camera.source)
+                        self.stats.set_connected(False)
+                        return
+                    continue
+                next_slot = max(next_slot + period, time.monotonic()) if period else 0.0
+                self._infer(client, frame)
+            except Exception as exc:  # this frame or file only: go on with the next
+                self._frame_failed(exc)
+
+    def _frame_failed(self, exc: Exception) -> None:
+        message = str(exc) or type(exc).__name__
+        self.stats.error(message)
+        if isinstance(exc, FrameError):
+            log.error("camera %s: %s", self.camera.name, message)
+        else:
+            log.error("camera %s: a frame failed, skipped", self.camera.name, exc_info=exc)
+
+    def _start_model(self, client: EdgeAgentClient) -> None:
+        try:
+            client.start_and_wait(self.camera.model, timeout=60.0)
+            self._model_ready = True
+        except Exception as exc:  # the agent is down, the model fails to start: retry, backing off
+            self.stats.error(f"model {self.camera.model}: {exc}")
+            log.warning("camera %s: model %s not running: %s", self.camera.name, self.camera.model, exc)
+            self._back_off()
+
+    def _back_off(self) -> None:
+        self._stop.wait(self._agent_delay)
+        self._agent_delay = min(self._agent_delay * 2, AGENT_RETRY_MAX_S)
+
+    def _infer(self, client: EdgeAgentClient, frame: Frame) -> None:
+        camera = self.camera
+        try:
+            pixels = to_model_input(frame.raw, camera.crop, self._size)
+            started = time.monotonic()
+            detection = client.detect(pixels, camera.model, shared_memory=True)
+            detect_ms = (time.monotonic() - started) * 1000
+        except EdgeAgentError as exc:
+            self.stats.error(str(exc))
+            log.warning("camera %s: DetectAnomalies failed: %s", camera.name, exc)
+            if exc.code in (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED):
+                self._back_off()
+            elif exc.code == grpc.StatusCode.FAILED_PRECONDITION and self._config.start_models:
+                self._model_ready = False
+            return
+        except ValueError as exc:  # a crop that does not fit the frame
+            self.stats.error(str(exc))
+            return
+        self._agent_delay = AGENT_RETRY_INITIAL_S
+        self._publish(frame, pixels, detection, detect_ms)
 
     def _publish(self, frame: Frame, pixels: Any, detection: Detection, detect_ms: float) -> None:
         image = None
@@ -180,6 +204,9 @@ class CameraWorker:
                 )
             except OSError as exc:
                 self.stats.error(f"cannot save an image: {exc}")
+            else:
+                if image is None:
+                    self.stats.add(images_skipped=1)
         event = make_event(self.camera, frame, detection, detect_ms, image)
         self.stats.inference(event["latency_ms"]["capture_to_result"], detection.is_anomalous)
         for sink in self._sinks:
@@ -191,8 +218,10 @@ class CameraWorker:
     def stop(self) -> None:
         self._stop.set()
 
-    def join(self) -> None:
-        self._thread.join()
+    def join(self, timeout: float) -> bool:
+        """Whether the thread ended within `timeout` seconds."""
+        self._thread.join(timeout)
+        return not self._thread.is_alive()
 
 
 class CameraDaemon:
@@ -223,12 +252,22 @@ class CameraDaemon:
         log.info("camera daemon running: %d camera(s), %d sink(s)", len(self.workers), len(self.sinks))
 
     def stop(self) -> None:
+        """Stop the cameras (each gets until a shared deadline), then close every sink.
+
+        A camera stuck past the deadline is left to die with the process; its segment is
+        removed at the next start. A sink that fails to close is logged; the others still close.
+        """
         for worker in self.workers:
             worker.stop()
+        deadline = time.monotonic() + self._config.agent_timeout + STOP_GRACE_S
         for worker in self.workers:
-            worker.join()
+            if not worker.join(max(0.0, deadline - time.monotonic())):
+                log.error("camera %s did not stop in time; leaving it", worker.camera.name)
         for sink in self.sinks:
-            sink.close()
+            try:
+                sink.close()
+            except Exception as exc:
+                log.error("sink %s: cannot close: %s", sink.name, exc)
         self.reporter.stop()
 
     def run_until_signalled(self) -> int:

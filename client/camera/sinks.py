@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Any
 
 from .config import SinkConfig
+from .files import Episode, LineFile
 from .spool import Spool
 
 log = logging.getLogger(__name__)
@@ -39,8 +40,20 @@ def encode(event: dict[str, Any]) -> bytes:
     return json.dumps(event, separators=(",", ":"), sort_keys=True).encode()
 
 
+def decode(payload: bytes) -> dict[str, Any]:
+    """The event `encode` wrote; ValueError for anything else (an empty or a truncated file)."""
+    event = json.loads(payload)
+    if not isinstance(event, dict):
+        raise ValueError(f"a JSON {type(event).__name__}, not an object")
+    return event
+
+
 class JsonlSink(Sink):
-    """One JSON object per line, rotated at `max_bytes` into path.1 … path.<backups>."""
+    """One JSON object per line, rotated at `max_bytes` into path.1 … path.<backups>.
+
+    `delivered` is exactly the number of lines written since start: an event that cannot be
+    written (a full disk) is counted in `failures` and is not in the file, then or later.
+    """
 
     def __init__(self, settings: dict[str, Any]) -> None:
         self._path = Path(settings["path"])
@@ -49,12 +62,15 @@ class JsonlSink(Sink):
         self.name = f"jsonl:{self._path}"
         self._path.parent.mkdir(parents=True, exist_ok=True)
         self._lock = threading.Lock()
-        self._file = self._path.open("ab")
+        self._file: LineFile | None = LineFile(self._path)
         self._written = 0
-        self._errors = 0
+        self._failures = 0
+        self._last_error: str | None = None
+        self._failing = Episode(log)
 
-    def _rotate(self) -> None:
-        self._file.close()
+    def _rotate(self, file: LineFile) -> None:
+        file.close()
+        self._file = None
         for index in range(self._backups - 1, 0, -1):
             older = self._path.with_name(f"{self._path.name}.{index}")
             if older.exists():
@@ -63,28 +79,35 @@ class JsonlSink(Sink):
             self._path.replace(self._path.with_name(f"{self._path.name}.1"))
         else:
             self._path.unlink()
-        self._file = self._path.open("ab")
+
+    def _write(self, line: bytes) -> None:
+        if self._file is not None and self._file.size and self._file.size + len(line) > self._max_bytes:
+            self._rotate(self._file)
+        if self._file is None:  # rotated, or a reopen that failed before
+            self._file = LineFile(self._path)
+        self._file.append(line)
 
     def submit(self, event: dict[str, Any]) -> None:
         line = encode(event) + b"\n"
         with self._lock:
             try:
-                if self._file.tell() and self._file.tell() + len(line) > self._max_bytes:
-                    self._rotate()
-                self._file.write(line)
-                self._file.flush()
-                self._written += 1
+                self._write(line)
             except OSError as exc:
-                self._errors += 1
-                log.error("%s: cannot write an event: %s", self.name, exc.strerror)
+                self._failures += 1
+                self._last_error = exc.strerror or str(exc)
+                self._failing.failed(f"{self.name}: cannot write an event: {self._last_error}")
+                return
+            self._written += 1
+            self._failing.recovered(f"{self.name}: writing events")
 
     def stats(self) -> dict[str, Any]:
         with self._lock:
-            return {"delivered": self._written, "errors": self._errors}
+            return {"delivered": self._written, "failures": self._failures, "last_error": self._last_error}
 
     def close(self) -> None:
         with self._lock:
-            self._file.close()
+            if self._file is not None:
+                self._file.close()
 
 
 class Transport:
@@ -112,6 +135,7 @@ class SpooledSink(Sink):
         self._failures = 0
         self._connected = False
         self._last_error: str | None = None
+        self._spooling = Episode(log)
         self._thread = threading.Thread(target=self._run, name=f"sink-{self.name}", daemon=True)
         self._thread.start()
 
@@ -120,7 +144,9 @@ class SpooledSink(Sink):
             self._spool.append(encode(event))
         except OSError as exc:
             self._failures += 1
-            log.error("%s: cannot spool an event: %s", self.name, exc.strerror)
+            self._spooling.failed(f"{self.name}: cannot spool an event: {exc.strerror}")
+            return
+        self._spooling.recovered(f"{self.name}: spooling events")
 
     def _run(self) -> None:
         delay = RETRY_INITIAL_S
@@ -131,7 +157,12 @@ class SpooledSink(Sink):
                 continue
             sequence, payload = head
             try:
-                self._transport.deliver(json.loads(payload), payload)
+                event = decode(payload)
+            except ValueError as exc:  # never deliverable: move it aside, go on with the next
+                self._spool.quarantine(sequence, f"not an event ({exc})")
+                continue
+            try:
+                self._transport.deliver(event, payload)
             except Exception as exc:  # any failure of the other side: keep the event, retry later
                 self._failures += 1
                 self._connected = False
@@ -153,6 +184,7 @@ class SpooledSink(Sink):
             "delivered": self._delivered,
             "pending": len(self._spool),
             "dropped": self._spool.dropped,
+            "quarantined": self._spool.quarantined,
             "failures": self._failures,
             "connected": self._connected,
             "last_error": self._last_error,

@@ -2,12 +2,16 @@
 
 Decoding is FFmpeg through PyAV, asked for `rgb24` directly, so frames are RGB888 as the
 agent expects (OpenCV's BGR order never appears). Open and read timeouts are explicit: a
-stalled stream raises within `read_timeout` and is reopened with exponential back-off.
+stalled stream raises within `read_timeout` and is reopened with exponential back-off. A
+frame that does not decode is skipped; only a stream that decodes nothing for `read_timeout`
+is reopened.
 """
 
 from __future__ import annotations
 
 import logging
+import os
+import stat
 import threading
 import time
 from collections.abc import Iterator
@@ -20,11 +24,20 @@ import numpy as np
 from PIL import Image
 
 from .config import CameraConfig, Crop
+from .processed import FileKey, ProcessedFiles
 from .status import CameraStats
 
 log = logging.getLogger(__name__)
 
 IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff", ".webp"}
+
+
+class FrameError(Exception):
+    """A frame or a file that cannot be used; the camera goes on with the next one."""
+
+
+class StreamFailing(Exception):
+    """Packets arrive but none has decoded for `read_timeout` seconds: the stream is reopened."""
 
 
 @dataclass(frozen=True)
@@ -65,6 +78,36 @@ def _open(camera: CameraConfig) -> Any:
     )
 
 
+def decode_frames(container: Any, camera: CameraConfig, stats: CameraStats) -> Iterator[Any]:
+    """The frames of the first video stream; a packet that does not decode is skipped and counted.
+
+    Reading errors (a drop, a read timeout) are raised as they come; decoding errors only once
+    they have lasted `read_timeout` seconds without a frame in between (StreamFailing). The
+    first decoding error of a stream is logged, every one is counted in the status.
+    """
+    failing_since: float | None = None
+    logged = False
+    for packet in container.demux(video=0):
+        try:
+            frames = packet.decode()
+        except av.FFmpegError as exc:
+            stats.error(f"{camera.source}: a frame does not decode: {exc}")
+            if not logged:
+                log.warning(
+                    "camera %s: a frame does not decode, skipped (counted from now on): %s", camera.name, exc
+                )
+                logged = True
+            now = time.monotonic()
+            if failing_since is None:
+                failing_since = now
+            elif now - failing_since >= camera.read_timeout:
+                raise StreamFailing(f"no frame decoded for {camera.read_timeout:g} s") from exc
+            continue
+        for frame in frames:
+            failing_since = None
+            yield frame
+
+
 class FrameSource:
     """What the camera worker reads from."""
 
@@ -102,7 +145,7 @@ class LiveSource(FrameSource):
                 first = False
                 with _open(self._camera) as container:
                     self._stats.set_connected(True)
-                    for decoded in container.decode(video=0):
+                    for decoded in decode_frames(container, self._camera, self._stats):
                         if self._stop.is_set():
                             return
                         frame_id += 1
@@ -115,7 +158,7 @@ class LiveSource(FrameSource):
                             self._latest = frame
                             self._cond.notify_all()
                 message = "stream ended"
-            except (av.FFmpegError, OSError) as exc:
+            except (av.FFmpegError, OSError, StreamFailing) as exc:
                 message = str(exc)
             self._stats.set_connected(False)
             if self._stop.is_set():
@@ -161,7 +204,7 @@ class FileSource(FrameSource):
     def _decode(self) -> Iterator[Any]:
         while True:
             with _open(self._camera) as container:
-                yield from container.decode(video=0)
+                yield from decode_frames(container, self._camera, self._stats)
             if not self._camera.loop:
                 return
 
@@ -173,6 +216,8 @@ class FileSource(FrameSource):
         except StopIteration:
             self.finished = True
             return None
+        except (av.FFmpegError, OSError, StreamFailing) as exc:  # the file ends here
+            raise FrameError(f"{self._camera.source}: {exc}") from exc
         self._frame_id += 1
         self._stats.add(frames=1)
         return Frame(self._frame_id, time.time(), time.monotonic(), decoded)
@@ -186,26 +231,32 @@ class FolderSource(FrameSource):
 
     The folder is polled; a file is taken once its size and mtime have stopped changing
     between two polls, so half-written files are never read. Names starting with '.' are
-    ignored (write to '.name' and rename). Files already there at start are processed too.
+    ignored (write to '.name' and rename). Every file not processed yet is taken, whatever its
+    mtime; a file is recorded as processed (`processed.py`) when the worker asks for the next
+    one or stops, i.e. once its event was handed to the sinks.
     """
 
-    def __init__(self, camera: CameraConfig, stats: CameraStats) -> None:
+    def __init__(self, camera: CameraConfig, stats: CameraStats, state_dir: Path) -> None:
         self._camera = camera
         self._stats = stats
         self._folder = Path(camera.source)
-        self._done: tuple[float, str] = (0.0, "")  # (mtime, name) of the last processed file
-        self._seen: dict[str, tuple[float, int]] = {}
-        self._ready: list[tuple[float, str]] = []
+        self._processed = ProcessedFiles(
+            state_dir / "folders" / f"{camera.name}.processed", {p.name for p in self._folder.iterdir()}
+        )
+        self._seen: dict[str, FileKey] = {}
+        self._ready: list[FileKey] = []
+        self._current: FileKey | None = None  # taken, not recorded yet
         self._frame_id = 0
         self._stop = threading.Event()
 
     def _poll(self) -> None:
-        current: dict[str, tuple[float, int]] = {}
+        """Queue the files that are new and stable since the last poll, oldest first."""
         try:
             entries = list(self._folder.iterdir())
         except OSError as exc:
             self._stats.error(f"{self._folder}: {exc.strerror}")
             return
+        current: dict[str, FileKey] = {}
         for path in entries:
             if path.name.startswith(".") or path.suffix.lower() not in IMAGE_SUFFIXES:
                 continue
@@ -213,16 +264,26 @@ class FolderSource(FrameSource):
                 info = path.stat()
             except OSError:
                 continue
-            key = (info.st_mtime, path.name)
-            if key <= self._done:
-                continue
-            current[path.name] = (info.st_mtime, info.st_size)
-            if self._seen.get(path.name) == current[path.name] and key not in self._ready:
+            key = current[path.name] = FileKey(path.name, info.st_size, info.st_mtime_ns)
+            if self._seen.get(path.name) == key and key not in self._processed:
                 self._ready.append(key)
         self._seen = current
-        self._ready.sort()
+        self._processed.retain(set(current))
+        self._ready.sort(key=lambda key: (key.mtime_ns, key.name))
+
+    def _record(self) -> None:
+        if self._current is None:
+            return
+        key, self._current = self._current, None
+        try:
+            self._processed.add(key)
+        except OSError as exc:
+            message = f"cannot record {key.name} as processed: {exc.strerror}"
+            self._stats.error(message)
+            log.error("camera %s: %s", self._camera.name, message)
 
     def next_frame(self, timeout: float) -> Frame | None:
+        self._record()
         deadline = time.monotonic() + timeout
         while not self._ready:
             self._poll()
@@ -232,27 +293,47 @@ class FolderSource(FrameSource):
                 return None
             if time.monotonic() >= deadline:
                 return None
-        key = self._ready.pop(0)
-        self._done = key
-        path = self._folder / key[1]
-        try:
-            with Image.open(path) as image:
-                pixels = np.asarray(image.convert("RGB"))
-        except (OSError, ValueError) as exc:
-            self._stats.error(f"{path}: {exc}")
-            return None
+        self._current = self._ready.pop(0)
+        path = self._folder / self._current.name
+        pixels = read_image(path, self._camera.max_pixels)
         self._frame_id += 1
         self._stats.add(frames=1)
         return Frame(self._frame_id, time.time(), time.monotonic(), pixels, origin=str(path))
 
     def close(self) -> None:
         self._stop.set()
+        self._record()
+        self._processed.close()
 
 
-def open_source(camera: CameraConfig, stats: CameraStats) -> FrameSource:
+def read_image(path: Path, max_pixels: int) -> np.ndarray:
+    """The RGB pixels of an image file; FrameError, before anything is decoded, for what is not
+    a regular file (a FIFO would block) or has more than `max_pixels` pixels in its header."""
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC)
+    except OSError as exc:
+        raise FrameError(f"{path}: {exc.strerror}") from None
+    if not stat.S_ISREG(os.fstat(fd).st_mode):
+        os.close(fd)
+        raise FrameError(f"{path}: not a regular file")
+    with os.fdopen(fd, "rb") as file:
+        try:
+            with Image.open(file) as image:
+                if image.width * image.height > max_pixels:
+                    raise FrameError(
+                        f"{path}: {image.width}x{image.height} is more than max_pixels {max_pixels}"
+                    )
+                return np.asarray(image.convert("RGB"))
+        except Image.DecompressionBombError as exc:
+            raise FrameError(f"{path}: more than max_pixels {max_pixels} ({exc})") from None
+        except (OSError, ValueError) as exc:
+            raise FrameError(f"{path}: {exc}") from None
+
+
+def open_source(camera: CameraConfig, stats: CameraStats, state_dir: Path) -> FrameSource:
     kind = camera.kind
     if kind == "live":
         return LiveSource(camera, stats)
     if kind == "folder":
-        return FolderSource(camera, stats)
+        return FolderSource(camera, stats, state_dir)
     return FileSource(camera, stats)

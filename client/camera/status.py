@@ -23,7 +23,14 @@ class CameraStats:
     def __init__(self, name: str) -> None:
         self.name = name
         self._lock = threading.Lock()
-        self._counts = {"frames": 0, "inferences": 0, "anomalies": 0, "errors": 0, "reconnects": 0}
+        self._counts = {
+            "frames": 0,
+            "inferences": 0,
+            "anomalies": 0,
+            "errors": 0,
+            "reconnects": 0,
+            "images_skipped": 0,
+        }
         self._connected = False
         self._last_error: str | None = None
         self._recent: deque[tuple[float, float]] = deque()  # (monotonic end, latency ms)
@@ -73,7 +80,11 @@ class CameraStats:
 def write_json_atomically(path: Path, data: object) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     temporary = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    temporary.write_text(json.dumps(data, indent=2) + "\n")
+    try:
+        temporary.write_text(json.dumps(data, indent=2) + "\n")
+    except OSError:  # a full disk: leave no partial file to take more room
+        temporary.unlink(missing_ok=True)
+        raise
     os.replace(temporary, path)
 
 

@@ -130,9 +130,17 @@ def jpeg(pixels: np.ndarray) -> bytes:
 class MjpegServer:
     """multipart/x-mixed-replace JPEG frames at 10 frames/s, as IP cameras serve them over HTTP."""
 
-    def __init__(self, frame: np.ndarray, frames_per_connection: int | None = None) -> None:
-        """With `frames_per_connection`, each connection is closed after that many frames (a drop)."""
-        payload = jpeg(frame)
+    def __init__(
+        self,
+        frame: np.ndarray,
+        frames_per_connection: int | None = None,
+        corrupt: Callable[[int], bool] | None = None,
+    ) -> None:
+        """With `frames_per_connection`, each connection is closed after that many frames (a drop);
+        the frames `corrupt` is true of (numbered from 1 in each connection) are bytes no JPEG
+        decoder accepts."""
+        good = jpeg(frame)
+        garbage = b"\xff\xd8" + bytes(range(256)) * 8
         stop = self._stop = threading.Event()
 
         class Handler(BaseHTTPRequestHandler):
@@ -144,6 +152,7 @@ class MjpegServer:
                     sent = 0
                     while not stop.is_set() and sent != frames_per_connection:
                         sent += 1
+                        payload = garbage if corrupt is not None and corrupt(sent) else good
                         head = b"--frame\r\nContent-Type: image/jpeg\r\nContent-Length: %d\r\n\r\n" % len(
                             payload
                         )
@@ -217,6 +226,13 @@ class CameraDaemon:
         return self.process.wait(timeout)
 
 
+def save_image(folder: Path, name: str, pixels: np.ndarray) -> Path:
+    """Write an image the way a producer should: under a hidden name, then renamed into place."""
+    hidden = folder / f".{name}"
+    Image.fromarray(pixels).save(hidden, format=Path(name).suffix[1:].replace("jpg", "jpeg"))
+    return hidden.rename(folder / name)
+
+
 def read_events(path: Path) -> list[dict[str, Any]]:
     if not path.exists():
         return []
@@ -242,3 +258,17 @@ def camera_daemon(tmp_path: Path) -> Iterator[Callable[[dict[str, Any]], CameraD
             except subprocess.TimeoutExpired:
                 daemon.process.kill()
                 daemon.process.wait()
+
+
+@pytest.fixture
+def small_disk(tmp_path: Path) -> Iterator[Path]:
+    """A 2 MB tmpfs, to fill up; skipped where the tests cannot mount one (they run as root)."""
+    disk = tmp_path / "disk"
+    disk.mkdir()
+    mounted = subprocess.run(
+        ["mount", "-t", "tmpfs", "-o", "size=2m", "tmpfs", str(disk)], capture_output=True, text=True
+    )
+    if mounted.returncode:
+        pytest.skip(f"cannot mount a tmpfs: {mounted.stderr.strip() or mounted.returncode}")
+    yield disk
+    subprocess.run(["umount", "-l", str(disk)], check=False)

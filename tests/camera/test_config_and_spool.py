@@ -9,6 +9,7 @@ from typing import Any
 import pytest
 
 from lookout_edge.client.camera.config import ConfigError, parse_config
+from lookout_edge.client.camera.processed import FileKey, ProcessedFiles
 from lookout_edge.client.camera.sinks import JsonlSink
 from lookout_edge.client.camera.spool import Spool
 from tests.conftest import lookout_edge_command
@@ -44,6 +45,11 @@ def config(**overrides: Any) -> dict[str, Any]:
         ({"agent": {"shm_mode": "0400"}}, "agent.shm_mode"),
         ({"agent": {"models_dir": "/nonexistent"}}, "cameras[0] (line1).model: no package"),
         ({"status": {"interval": "often"}}, "status.interval"),
+        (
+            {"cameras": [{"name": "a", "source": "/tmp", "model": "m", "max_pixels": 200_000_000}]},
+            "cameras[0] (a).max_pixels: from 1 to 178956970",
+        ),
+        ({"images": {"directory": "/tmp/i", "min_free_mb": -1}}, "images.min_free_mb: must be 0 or more"),
     ],
 )
 def test_bad_configuration_names_the_key(overrides: dict[str, Any], message: str) -> None:
@@ -101,3 +107,17 @@ def test_jsonl_sink_rotates_and_keeps_the_backups(tmp_path: Path) -> None:
     lines = [json.loads(line)["n"] for f in reversed(files) for line in f.read_text().splitlines()]
     assert lines == list(range(30 - len(lines), 30))
     assert all(f.stat().st_size <= 200 for f in files)
+
+
+def test_processed_files_survive_a_reopen_and_forget_files_that_left(tmp_path: Path) -> None:
+    journal = tmp_path / "state" / "bench.processed"
+    kept, gone = FileKey("a.png", 10, 1), FileKey("b.png", 20, 2)
+    processed = ProcessedFiles(journal, set())
+    processed.add(kept)
+    processed.add(gone)
+    processed.close()
+    reopened = ProcessedFiles(journal, {"a.png", "c.png"})
+    assert kept in reopened and gone not in reopened
+    assert FileKey("a.png", 11, 1) not in reopened  # replaced under the same name: a new image
+    assert len(journal.read_text().splitlines()) == 1
+    reopened.close()

@@ -127,3 +127,35 @@ def test_mjpeg_over_http_two_cameras_with_and_without_crop(
     assert 1 <= len(saved) <= 2
     assert all(isinstance(e["image"], str) for e in whole) and Path(whole[-1]["image"]).exists()
     assert all(e["image"] is None for e in bottom)
+
+
+def test_a_corrupt_mjpeg_frame_is_skipped_and_only_a_failing_stream_reconnects(
+    tmp_path: Path, agent_process, camera_daemon, models_dir: Path
+) -> None:
+    agent = agent_process()
+    agent.wait_ready()
+    frame = make_image(red=HEIGHT // 4)
+    flaky = MjpegServer(frame, corrupt=lambda n: n % 2 == 0)  # every other frame does not decode
+    broken = MjpegServer(frame, corrupt=lambda n: n > 3)  # three frames, then none decodes
+    events_path = tmp_path / "events.jsonl"
+    size = {"model": "seg", "width": WIDTH, "height": HEIGHT, "read_timeout": 1, "reconnect_initial": 0.2}
+    try:
+        daemon = camera_daemon(
+            {
+                "agent": {"socket": agent.address},
+                "cameras": [
+                    {"name": "flaky", "source": flaky.url, **size},
+                    {"name": "broken", "source": broken.url, **size},
+                ],
+                "sinks": [{"type": "jsonl", "path": str(events_path)}],
+            }
+        )
+        wait_for(lambda: daemon.camera("flaky").get("inferences", 0) >= 15, 30, "events between bad frames")
+        wait_for(lambda: daemon.camera("broken").get("reconnects", 0) >= 1, 30, "the broken stream reopened")
+        flaky_counts = daemon.camera("flaky")
+        assert flaky_counts["reconnects"] == 0 and flaky_counts["errors"] >= 10, flaky_counts
+    finally:
+        flaky.close()
+        broken.close()
+    assert "no frame decoded for 1 s" in daemon.log()
+    assert daemon.log().count("camera flaky: a frame does not decode") == 1  # the rest are counted
