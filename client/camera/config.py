@@ -53,7 +53,9 @@ class CameraConfig:
     reconnect_max: float = 30.0
     loop: bool = False  # video files: start again at the end
     poll_interval: float = 0.5  # folders: how often to look for new images
-    max_pixels: int = DEFAULT_MAX_PIXELS  # folders: larger images are refused before decoding
+    max_pixels: int = (
+        DEFAULT_MAX_PIXELS  # larger images are refused before decoding (folders), frames skipped
+    )
     options: dict[str, str] = field(default_factory=dict)  # demuxer options passed to FFmpeg
 
     @property

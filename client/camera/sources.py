@@ -79,7 +79,8 @@ def _open(camera: CameraConfig) -> Any:
 
 
 def decode_frames(container: Any, camera: CameraConfig, stats: CameraStats) -> Iterator[Any]:
-    """The frames of the first video stream; a packet that does not decode is skipped and counted.
+    """The frames of the first video stream; a packet that does not decode, or a frame larger
+    than the camera's max_pixels, is skipped and counted.
 
     Reading errors (a drop, a read timeout) are raised as they come; decoding errors only once
     they have lasted `read_timeout` seconds without a frame in between (StreamFailing). The
@@ -105,6 +106,9 @@ def decode_frames(container: Any, camera: CameraConfig, stats: CameraStats) -> I
             continue
         for frame in frames:
             failing_since = None
+            if frame.width * frame.height > camera.max_pixels:  # before its conversion to RGB
+                stats.error(f"{camera.source}: a {frame.width}x{frame.height} frame is more than max_pixels")
+                continue
             yield frame
 
 

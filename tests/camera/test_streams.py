@@ -159,3 +159,27 @@ def test_a_corrupt_mjpeg_frame_is_skipped_and_only_a_failing_stream_reconnects(
         broken.close()
     assert "no frame decoded for 1 s" in daemon.log()
     assert daemon.log().count("camera flaky: a frame does not decode") == 1  # the rest are counted
+
+
+def test_stream_frames_larger_than_max_pixels_are_skipped_before_conversion(
+    tmp_path: Path, agent_process, camera_daemon, models_dir: Path
+) -> None:
+    agent = agent_process()
+    agent.wait_ready()
+    server = MjpegServer(make_image(width=2 * WIDTH, height=2 * HEIGHT))  # 49,152 pixels a frame
+    size = {"source": server.url, "model": "seg", "width": WIDTH, "height": HEIGHT}
+    try:
+        daemon = camera_daemon(
+            {
+                "agent": {"socket": agent.address},
+                "cameras": [{"name": "bounded", "max_pixels": 40_000, **size}, {"name": "open", **size}],
+                "sinks": [{"type": "jsonl", "path": str(tmp_path / "events.jsonl")}],
+            }
+        )
+        wait_for(lambda: daemon.camera("open").get("inferences", 0) >= 5, 30, "events of the open camera")
+        wait_for(lambda: daemon.camera("bounded").get("errors", 0) >= 5, 30, "skipped frames counted")
+        bounded = daemon.camera("bounded")
+    finally:
+        server.close()
+    assert bounded.get("inferences", 0) == 0 and bounded["reconnects"] == 0, bounded
+    assert "256x192 frame is more than max_pixels" in bounded["last_error"]
