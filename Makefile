@@ -50,6 +50,7 @@ bench: setup
 	$(PY) bench/bench_agent.py $(BENCH_ARGS)
 	$(PY) bench/bench_trainer.py
 	$(PY) bench/bench_camera.py
+	$(PY) bench/bench_soak.py
 
 clean:
 	rm -rf $(VENV) build *.egg-info .pytest_cache .mypy_cache .ruff_cache

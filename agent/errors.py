@@ -29,3 +29,14 @@ class ResourceExhausted(AgentError):
 
 class FailedPrecondition(AgentError):
     code = grpc.StatusCode.FAILED_PRECONDITION
+
+
+SHOWN_NAME_CHARS = 100
+
+
+def shown(name: str) -> str:
+    """`name` quoted for a message, cut short when long: a message echoing a huge name would
+    exceed gRPC's metadata limit and reach the client as RESOURCE_EXHAUSTED instead."""
+    if len(name) <= SHOWN_NAME_CHARS:
+        return f"'{name}'"
+    return f"'{name[:SHOWN_NAME_CHARS]}'…({len(name)} characters)"

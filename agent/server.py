@@ -6,6 +6,7 @@ import errno
 import grp
 import logging
 import os
+import pwd
 import signal
 import socket
 import stat
@@ -17,13 +18,12 @@ from types import FrameType
 import grpc
 
 from lookout_edge import shm
-from lookout_edge.protocol import pb2_grpc
 
 from .backends.selector import BackendSelector
 from .config import AgentConfig
 from .malloc import tune_malloc
 from .models import ModelRegistry
-from .service import EdgeAgentServicer
+from .service import EdgeAgentServicer, add_to_server
 
 log = logging.getLogger(__name__)
 
@@ -36,24 +36,47 @@ GRPC_OPTIONS = [
 
 
 class SocketInUse(RuntimeError):
-    """Another agent is serving on the socket; it must not be taken over."""
+    """The socket path cannot be served (another agent serves it, something else is there, or
+    others could replace the socket); the message says why and what to do."""
 
 
-def claim_socket_path(path: Path) -> None:
-    """Make `path` free for a new socket: remove a stale socket, refuse a live one or a non-socket."""
+def claim_socket_path(path: Path, agent_uid: int | None = None) -> None:
+    """Make `path` free for a new socket: remove a stale socket, refuse a live one or a non-socket.
+
+    `agent_uid` is the user the agent serves as (default: this process's). A live socket owned
+    by another user (not root) is no agent of ours: in a shared directory such as /tmp, anyone
+    can create a socket at the agent's well-known path before it starts, and its clients would
+    then talk to that process. The directory is checked too: where every user may write and
+    the sticky bit is off, anyone could replace the socket after the agent created it.
+    """
+    agent_uid = os.geteuid() if agent_uid is None else agent_uid
+    path.parent.mkdir(parents=True, exist_ok=True)
+    directory = path.parent.stat()
+    if directory.st_mode & stat.S_IWOTH and not directory.st_mode & stat.S_ISVTX:
+        raise SocketInUse(
+            f"the socket's directory {path.parent} is writable by every user and not sticky "
+            f"(mode {stat.S_IMODE(directory.st_mode):04o}): anyone could replace the agent's socket "
+            "with their own. Serve from a directory only the agent's user can write, or set its "
+            f"sticky bit (chmod +t {path.parent})"
+        )
     try:
-        mode = path.lstat().st_mode
+        info = path.lstat()
     except FileNotFoundError:
-        path.parent.mkdir(parents=True, exist_ok=True)
         return
-    if not stat.S_ISSOCK(mode):
+    if not stat.S_ISSOCK(info.st_mode):
         raise SocketInUse(f"{path} exists and is not a socket; remove it or choose another socket path")
     probe = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
     try:
         probe.connect(str(path))
     except ConnectionRefusedError:
         log.warning("removing stale socket %s left by an agent that did not shut down", path)
-        path.unlink()
+        try:
+            path.unlink()
+        except PermissionError:
+            raise SocketInUse(
+                f"{path} is a stale socket of {_user(info.st_uid)} that this agent's user may not "
+                "remove; remove it as that user or root, or choose another socket"
+            ) from None
         return
     except OSError as exc:
         if exc.errno in (errno.ENOENT,):
@@ -61,7 +84,23 @@ def claim_socket_path(path: Path) -> None:
         raise SocketInUse(f"cannot check socket {path}: {exc.strerror}") from None
     finally:
         probe.close()
+    if info.st_uid not in (agent_uid, 0):
+        raise SocketInUse(
+            f"POSSIBLE IMPOSTOR: {path} is served by a process of {_user(info.st_uid)}, not by "
+            f"this agent's user ({_user(agent_uid)}) or root: it may be an impostor posing as the "
+            "Edge Agent, and clients connecting to it talk to that process. Find it "
+            f"(ss -xlp | grep {path}), stop it and remove the socket, and serve from a directory only "
+            "the agent's user can write"
+        )
     raise SocketInUse(f"another agent is already serving on {path}; stop it first or choose another socket")
+
+
+def _user(uid: int) -> str:
+    """`uid` as "user NAME (uid N)" for messages, or "uid N" without a name."""
+    try:
+        return f"user {pwd.getpwuid(uid).pw_name} (uid {uid})"
+    except KeyError:
+        return f"uid {uid}"
 
 
 class AgentServer:
@@ -86,7 +125,7 @@ class AgentServer:
             options=GRPC_OPTIONS,
             maximum_concurrent_rpcs=config.workers * 4,
         )
-        pb2_grpc.add_EdgeAgentServicer_to_server(self.servicer, server)
+        add_to_server(self.servicer, server)
         server.add_insecure_port(f"unix:{path}")
         if config.tcp_address:
             server.add_secure_port(config.tcp_address, self._tls_credentials())

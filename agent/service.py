@@ -9,6 +9,9 @@ from collections.abc import Callable
 from typing import Any, TypeVar
 
 import grpc
+from google.protobuf.descriptor import Descriptor
+from google.protobuf.message import DecodeError, Message
+from google.protobuf.message_factory import GetMessageClass
 
 from lookout_edge import shm
 from lookout_edge.protocol import pb2, pb2_grpc
@@ -27,6 +30,8 @@ def _rpc(method: Callable[[Any, Any, grpc.ServicerContext], Response]) -> Callab
     @functools.wraps(method)
     def wrapper(self: Any, request: Any, context: grpc.ServicerContext) -> Response:
         try:
+            if isinstance(request, MalformedRequest):
+                raise InvalidArgument(request.message)
             return method(self, request, context)
         except AgentError as exc:
             context.abort(exc.code, exc.message)
@@ -38,6 +43,47 @@ def _rpc(method: Callable[[Any, Any, grpc.ServicerContext], Response]) -> Callab
         raise AssertionError("context.abort returned")  # pragma: no cover
 
     return wrapper
+
+
+class MalformedRequest:
+    """What a request that protobuf cannot parse becomes: `_rpc` answers it INVALID_ARGUMENT.
+
+    A deserializer that raised would make gRPC answer INTERNAL and log a traceback per call.
+    """
+
+    def __init__(self, message_type: str, error: DecodeError) -> None:
+        self.message = (
+            f"the request is not a valid {message_type} message ({error}); "
+            "build the client's stubs from the Edge Agent's edge-agent.proto"
+        )
+
+
+def _request_deserializer(descriptor: Descriptor) -> Callable[[bytes], Message | MalformedRequest]:
+    message_class = GetMessageClass(descriptor)
+
+    def deserialize(data: bytes) -> Message | MalformedRequest:
+        try:
+            return message_class.FromString(data)
+        except DecodeError as exc:
+            return MalformedRequest(descriptor.name, exc)
+
+    return deserialize
+
+
+def add_to_server(servicer: EdgeAgentServicer, server: grpc.Server) -> None:
+    """Register the service's RPCs, as the generated `add_EdgeAgentServicer_to_server` does
+    (the same service and method names, from the proto's descriptor), with deserializers that
+    turn an unparsable request into a `MalformedRequest`."""
+    service = pb2.DESCRIPTOR.services_by_name["EdgeAgent"]
+    handlers = {
+        method.name: grpc.unary_unary_rpc_method_handler(
+            getattr(servicer, method.name),
+            request_deserializer=_request_deserializer(method.input_type),
+            response_serializer=GetMessageClass(method.output_type).SerializeToString,
+        )
+        for method in service.methods
+    }
+    server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(service.full_name, handlers),))
 
 
 def _required_name(request: Any) -> str:

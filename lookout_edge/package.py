@@ -12,6 +12,7 @@ import json
 import os
 import re
 import shutil
+import stat
 import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -38,6 +39,8 @@ BACKGROUND_COLOR = "#FFFFFF"
 _HEX_COLOR = re.compile(r"^#[0-9A-Fa-f]{6}$")
 # Entries of a models directory whose names start with this are packages being written.
 STAGING_PREFIX = "."
+# A manifest is a few KiB; anything much larger is not one, and is not read into memory.
+MAX_MANIFEST_BYTES = 1 << 20
 
 
 class PackageError(ValueError):
@@ -160,12 +163,8 @@ def read_package(directory: Path) -> ModelPackage:
     """Parse and check a package's manifest (file digests are checked at load time)."""
     manifest = directory / MANIFEST_NAME
     try:
-        data = json.loads(manifest.read_text(encoding="utf-8"))
-    except FileNotFoundError:
-        raise PackageError(
-            f"{manifest} is missing: not a model package, or it is still being copied"
-        ) from None
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+        data = json.loads(_read_manifest(manifest).decode("utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
         raise PackageError(f"{manifest} cannot be read as JSON: {exc}") from None
     if not isinstance(data, dict):
         raise PackageError(f"{manifest} must hold a JSON object")
@@ -220,20 +219,43 @@ def read_package(directory: Path) -> ModelPackage:
 
 
 def package_dirs(models_dir: Path) -> list[Path]:
-    """The package directories directly below `models_dir`, by name: every directory except
-    packages still being written. A missing `models_dir` holds none."""
+    """The package candidates directly below `models_dir`, by name: every entry that is a
+    directory, or that cannot be examined (a symlink loop, a dead mount: `read_package` then
+    says why), except packages still being written.
+
+    Raises PackageError when `models_dir` itself cannot be listed (missing, not a directory,
+    unreadable).
+    """
     try:
         entries = list(os.scandir(models_dir))
     except FileNotFoundError:
-        return []
+        raise PackageError(f"models_dir {models_dir} does not exist; create it or set models_dir") from None
+    except NotADirectoryError:
+        raise PackageError(f"models_dir {models_dir} is not a directory; set models_dir to one") from None
+    except OSError as exc:
+        raise PackageError(f"models_dir {models_dir} cannot be listed: {exc.strerror}") from None
     return sorted(
-        Path(entry.path) for entry in entries if entry.is_dir() and not entry.name.startswith(STAGING_PREFIX)
+        Path(entry.path)
+        for entry in entries
+        if not entry.name.startswith(STAGING_PREFIX) and _may_be_package(entry)
     )
 
 
+def _may_be_package(entry: os.DirEntry[str]) -> bool:
+    try:
+        return entry.is_dir()
+    except OSError:
+        return True
+
+
 def find_package(models_dir: Path, component_name: str) -> ModelPackage | None:
-    """The readable package of `models_dir` that serves `component_name`, if there is one."""
-    for directory in package_dirs(models_dir):
+    """The readable package of `models_dir` that serves `component_name`, if there is one
+    (none when `models_dir` cannot be listed)."""
+    try:
+        directories = package_dirs(models_dir)
+    except PackageError:
+        return None
+    for directory in directories:
         try:
             package = read_package(directory)
         except PackageError:
@@ -285,6 +307,38 @@ def write_package(
         shutil.rmtree(staging, ignore_errors=True)
         raise
     return directory
+
+
+def _read_manifest(manifest: Path) -> bytes:
+    """The manifest's bytes, read without ever blocking: a FIFO or a device in its place would
+    otherwise hang the reader (and with it the agent's rescan), and a huge file fill memory."""
+    try:
+        fd = os.open(manifest, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC)
+    except FileNotFoundError:
+        raise PackageError(
+            f"{manifest} is missing: not a model package, or it is still being copied"
+        ) from None
+    except OSError as exc:
+        raise PackageError(f"{manifest} cannot be read: {exc.strerror}") from None
+    try:
+        info = os.fstat(fd)
+        if not stat.S_ISREG(info.st_mode):
+            raise PackageError(f"{manifest} is not a regular file; replace it with the package's manifest")
+        if info.st_size > MAX_MANIFEST_BYTES:
+            raise PackageError(
+                f"{manifest} is {info.st_size} bytes; a manifest is at most {MAX_MANIFEST_BYTES} bytes"
+            )
+        with os.fdopen(fd, "rb", closefd=False) as handle:
+            content = handle.read(MAX_MANIFEST_BYTES + 1)
+    except OSError as exc:
+        raise PackageError(f"{manifest} cannot be read: {exc.strerror}") from None
+    finally:
+        os.close(fd)
+    if len(content) > MAX_MANIFEST_BYTES:  # it grew after fstat
+        raise PackageError(
+            f"{manifest} is larger than {MAX_MANIFEST_BYTES} bytes, the most a manifest may be"
+        )
+    return content
 
 
 def _write_synced(path: Path, content: bytes) -> None:
