@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import dataclasses
+import grp
 import os
+import pwd
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -32,6 +34,7 @@ class AgentConfig:
     socket_group: str | None = None
     queue_size: int = 8
     workers: int = 16
+    max_concurrent_runs: int | None = None  # per model; None: one per CPU core the agent may use
     start_models: list[str] = field(default_factory=list)
     log_level: str = "INFO"
     memory_limit_mb: int | None = None
@@ -41,6 +44,8 @@ class AgentConfig:
     tls_cert: Path | None = None
     tls_key: Path | None = None
     tls_client_ca: Path | None = None
+    # Serve as this user ("name" or "name:group") once the socket exists (docs/agent.md#security).
+    user: str | None = None
     # Accelerators (docs/accelerators.md).
     accelerator: str = "auto"
     engine_cache_dir: Path = Path(DEFAULT_ENGINE_CACHE_DIR)
@@ -49,6 +54,31 @@ class AgentConfig:
     def socket_path(self) -> Path:
         """The filesystem path of a `unix:` socket address."""
         return socket_path(self.socket)
+
+
+@dataclass(frozen=True)
+class Account:
+    """The user (and group) of the `user` setting."""
+
+    name: str
+    uid: int
+    gid: int
+
+
+def resolve_account(spec: str) -> Account:
+    """The account of a `user` setting, "NAME" or "NAME:GROUP"."""
+    name, _, group = spec.partition(":")
+    try:
+        entry = pwd.getpwnam(name)
+        gid = grp.getgrnam(group).gr_gid if group else entry.pw_gid
+    except KeyError:
+        raise ConfigError(f"user {spec!r}: no such user or group on this device") from None
+    if os.geteuid() not in (0, entry.pw_uid):
+        raise ConfigError(
+            f"user {spec!r}: only root can switch to another user; start the agent as root, or "
+            "drop the user setting"
+        )
+    return Account(name, entry.pw_uid, gid)
 
 
 def socket_path(address: str) -> Path:
@@ -141,6 +171,8 @@ def _validate(config: AgentConfig) -> None:
         raise ConfigError("queue_size must be at least 1")
     if config.workers < 1:
         raise ConfigError("workers must be at least 1")
+    if config.max_concurrent_runs is not None and config.max_concurrent_runs < 1:
+        raise ConfigError("max_concurrent_runs must be at least 1")
     if not 0 <= config.socket_mode <= 0o777:
         raise ConfigError(f"socket_mode {oct(config.socket_mode)} is not a file mode")
     if config.memory_limit_mb is not None and config.memory_limit_mb < 1:
@@ -153,5 +185,7 @@ def _validate(config: AgentConfig) -> None:
         raise ConfigError(
             f"tensorrt_precision {config.tensorrt_precision!r} is not one of {', '.join(PRECISIONS)}"
         )
+    if config.user is not None:
+        resolve_account(config.user)
     if config.tls_client_ca and not config.tcp_address:
         raise ConfigError("tls_client_ca is set but tcp_address is not")

@@ -13,7 +13,7 @@ from lookout_edge.package import BACKGROUND_COLOR, BACKGROUND_NAME, MAX_SIDE, MI
 from lookout_edge.protocol import pb2
 
 from .backends.base import Inference
-from .errors import InvalidArgument, ResourceExhausted
+from .errors import InvalidArgument, ResourceExhausted, shown
 from .models import ModelRegistry
 
 
@@ -73,7 +73,7 @@ def check_bitmap(bitmap: pb2.Bitmap, package: ModelPackage) -> ImageSource:
             )
     if (width, height) != (package.width, package.height):
         raise InvalidArgument(
-            f"bitmap is {width}x{height}, but model '{package.component_name}' was trained on "
+            f"bitmap is {width}x{height}, but model {shown(package.component_name)} was trained on "
             f"{package.width}x{package.height} images; resize the image to {package.width}x{package.height}"
         )
     kind = bitmap.WhichOneof("data")

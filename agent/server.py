@@ -18,9 +18,10 @@ from types import FrameType
 import grpc
 
 from lookout_edge import shm
+from lookout_edge.protocol import GRPC_MESSAGE_OPTIONS
 
 from .backends.selector import BackendSelector
-from .config import AgentConfig
+from .config import Account, AgentConfig, resolve_account
 from .malloc import tune_malloc
 from .models import ModelRegistry
 from .service import EdgeAgentServicer, add_to_server
@@ -28,11 +29,6 @@ from .service import EdgeAgentServicer, add_to_server
 log = logging.getLogger(__name__)
 
 # A 4096x4096 RGB888 bitmap is 48 MiB; requests and responses (a mask as bytes) carry one.
-MAX_MESSAGE_BYTES = 4096 * 4096 * 3 + (1 << 20)
-GRPC_OPTIONS = [
-    ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
-    ("grpc.max_send_message_length", MAX_MESSAGE_BYTES),
-]
 
 
 class SocketInUse(RuntimeError):
@@ -103,6 +99,18 @@ def _user(uid: int) -> str:
         return f"uid {uid}"
 
 
+def become(account: Account, socket_path: Path) -> None:
+    """Give the socket to `account` (so that it can remove it, even in a sticky /tmp), then switch
+    the whole process to its user, group and supplementary groups."""
+    if os.geteuid() == account.uid:
+        return
+    os.chown(socket_path, account.uid, -1)
+    os.setgroups(os.getgrouplist(account.name, account.gid))
+    os.setgid(account.gid)
+    os.setuid(account.uid)
+    log.info("serving as %s (gid %d); root privileges dropped", _user(account.uid), account.gid)
+
+
 class AgentServer:
     """The gRPC server and the model registry it serves, with their lifetime."""
 
@@ -110,7 +118,10 @@ class AgentServer:
         self.config = config
         memory_limit = None if config.memory_limit_mb is None else config.memory_limit_mb << 20
         selector = BackendSelector(config.accelerator, config.engine_cache_dir, config.tensorrt_precision)
-        self.registry = ModelRegistry(config.models_dir, config.queue_size, memory_limit, selector)
+        self.registry = ModelRegistry(
+            config.models_dir, config.queue_size, memory_limit, selector, config.max_concurrent_runs
+        )
+        self._account = None if config.user is None else resolve_account(config.user)
         self.servicer = EdgeAgentServicer(self.registry)
         self._server: grpc.Server | None = None
         self._socket_inode: int | None = None
@@ -119,10 +130,10 @@ class AgentServer:
     def start(self) -> None:
         config = self.config
         path = config.socket_path()
-        claim_socket_path(path)
+        claim_socket_path(path, None if self._account is None else self._account.uid)
         server = grpc.server(
             futures.ThreadPoolExecutor(max_workers=config.workers, thread_name_prefix="rpc"),
-            options=GRPC_OPTIONS,
+            options=GRPC_MESSAGE_OPTIONS,
             maximum_concurrent_rpcs=config.workers * 4,
         )
         add_to_server(self.servicer, server)
@@ -137,6 +148,9 @@ class AgentServer:
             os.umask(previous_umask)
         self._server = server
         self._secure_socket(path)
+        if self._account is not None:
+            become(self._account, path)
+        self.servicer.shm_access = shm.SegmentAccess.for_socket(path.stat())
         self.registry.refresh()
         for name in config.start_models:
             try:
@@ -163,9 +177,7 @@ class AgentServer:
                 raise SocketInUse(f"socket_group '{self.config.socket_group}' does not exist") from None
             os.chown(path, -1, gid)
         os.chmod(path, self.config.socket_mode)
-        secured = path.stat()
-        self._socket_inode = secured.st_ino
-        self.servicer.shm_access = shm.SegmentAccess.for_socket(secured)
+        self._socket_inode = path.stat().st_ino
 
     def _rescan_loop(self) -> None:
         while not self._stopped.wait(self.config.rescan_interval):

@@ -32,6 +32,12 @@ def _add_agent_parser(commands: argparse._SubParsersAction) -> None:
     )
     parser.add_argument("--workers", type=int, help="threads serving calls")
     parser.add_argument(
+        "--max-concurrent-runs", type=int, help="calls one model runs at once (default: one per CPU core)"
+    )
+    parser.add_argument(
+        "--user", help="serve as this user (NAME or NAME:GROUP) once the socket exists; needs root"
+    )
+    parser.add_argument(
         "--start-model", action="append", dest="start_models", help="start this model at launch"
     )
     parser.add_argument("--memory-limit-mb", type=int, help="memory budget for all running models")

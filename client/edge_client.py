@@ -80,15 +80,15 @@ def _state(description: Any) -> ModelState:
 
 
 def _socket_group(address: str) -> int | None:
-    """The group of a unix: socket's file, where this process belongs to it. The client's
-    segments get that group: the agent uses shared memory its socket's group may use
-    (docs/agent.md#security)."""
+    """The group of a unix: socket's file, where this process may give its files that group
+    (it belongs to it, or is root). The client's segments get that group: the agent uses
+    shared memory its socket's group may use (docs/agent.md#security)."""
     path = address.removeprefix("unix://") if address.startswith("unix://") else address.removeprefix("unix:")
     try:
         gid = os.stat(path).st_gid
     except OSError:
         return None
-    return gid if gid == os.getegid() or gid in os.getgroups() else None
+    return gid if os.geteuid() == 0 or gid == os.getegid() or gid in os.getgroups() else None
 
 
 class EdgeAgentClient:

@@ -3,6 +3,7 @@ protobuf cannot parse, and names too long to echo."""
 
 from __future__ import annotations
 
+import grp
 import logging
 import os
 import pwd
@@ -121,3 +122,51 @@ def test_long_model_name_is_not_found_and_shortened(agent: RunningAgent) -> None
         details = caught.value.details()
         assert f"'{'m' * 100}'…(100000 characters)" in details
         assert len(details) < 500
+
+
+def test_an_agent_started_as_root_serves_as_the_configured_user(
+    sock_dir: Path, other_user: pwd.struct_passwd
+) -> None:
+    """Greengrass may run the agent as root (RequiresPrivilege); `--user` drops root once the
+    socket exists: models load and calls are served as that user, who owns the socket and
+    removes it at the end. The client's segment gets the socket's group, which the user is in."""
+    from lookout_edge.client import EdgeAgentClient
+    from tests.sample_models import write_sample_package
+
+    from .conftest import short_tmpdir
+
+    models = short_tmpdir()
+    models.chmod(0o755)
+    write_sample_package(models / "seg", "seg", WIDTH, HEIGHT, segmentation=True)
+    sock_dir.chmod(0o1777)
+    group = grp.getgrgid(other_user.pw_gid).gr_name
+    options = ("--user", other_user.pw_name, "--socket-group", group, "--start-model", "seg")
+    agent = AgentProcess(sock_dir / "agent.sock", models, *options)
+    try:
+        agent.wait_ready()
+        with open(f"/proc/{agent.pid}/status") as status:
+            ids = {line.split(":")[0]: line.split()[1:] for line in status if line.startswith(("Uid", "Gid"))}
+        assert ids["Uid"] == [str(other_user.pw_uid)] * 4 and ids["Gid"] == [str(other_user.pw_gid)] * 4
+        assert agent.socket_path.stat().st_uid == other_user.pw_uid
+        with EdgeAgentClient(agent.address) as client:
+            client.start_and_wait("seg", timeout=30)
+            assert client.detect(make_image(red=20), "seg", shared_memory=True).is_anomalous
+    finally:
+        status_code = agent.stop()
+        shutil.rmtree(models, ignore_errors=True)
+    assert status_code == 0, agent.output()
+    assert not agent.socket_path.exists()
+
+
+def test_the_user_and_concurrency_settings_are_checked_and_applied(tmp_path: Path) -> None:
+    from lookout_edge.agent.config import ConfigError, load_config
+    from lookout_edge.agent.server import AgentServer
+
+    with pytest.raises(ConfigError, match="no such user"):
+        load_config(overrides={"user": "le-nobody-such-user"}, environ={})
+    with pytest.raises(ConfigError, match="max_concurrent_runs must be at least 1"):
+        load_config(overrides={"max_concurrent_runs": 0}, environ={})
+    config = load_config(
+        environ={"LOOKOUT_EDGE_MAX_CONCURRENT_RUNS": "3", "LOOKOUT_EDGE_MODELS_DIR": str(tmp_path)}
+    )
+    assert AgentServer(config).registry.max_concurrent_runs == 3
