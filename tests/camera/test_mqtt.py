@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import shutil
 import socket
 import subprocess
 import threading
 import time
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -106,22 +108,11 @@ def drop_images(folder: Path, first: int, count: int) -> None:
 def test_events_survive_a_broker_outage_once_each_in_order(
     tmp_path: Path, agent_process, camera_daemon, models_dir: Path
 ) -> None:
-    broker = Broker(tmp_path / "broker")
-    broker.start()
     agent = agent_process()
     agent.wait_ready()
     folder = tmp_path / "incoming"
     folder.mkdir()
-    subscriber = None
-    try:
-        wait_for(lambda: _connectable(broker.port), 10, "mosquitto to listen")
-        subscriber = Subscriber.connected(broker.port)
-        sink_settings = {
-            "type": "mqtt",
-            "host": "127.0.0.1",
-            "port": broker.port,
-            "topic": "lookout/{camera}",
-        }
+    with broker_and_subscriber(tmp_path / "broker") as (broker, subscriber, sink_settings):
         daemon = camera_daemon(folder_camera_config(agent.address, "bench", folder, [sink_settings]))
         drop_images(folder, 0, 10)
         wait_for(lambda: len(subscriber.received()) >= 10, 30, "the first events")
@@ -147,14 +138,31 @@ def test_events_survive_a_broker_outage_once_each_in_order(
         status = daemon.sink(sink)
         assert status["failures"] >= 1 and status["dropped"] == 0
         assert daemon.stop() == 0
-    finally:
-        if subscriber is not None:
-            subscriber.close()
-        broker.stop()
     received = subscriber.received()
     assert [Path(e["source_file"]).name for e in received] == [f"{i:04d}.png" for i in range(30)]
     assert len({e["event_id"] for e in received}) == 30
     assert [e["is_anomalous"] for e in received] == [bool(i % 2) for i in range(30)]
+
+
+@contextlib.contextmanager
+def broker_and_subscriber(root: Path) -> Iterator[tuple[Broker, Subscriber, dict[str, Any]]]:
+    """A mosquitto broker on loopback, a subscriber to every camera's topic on it, and the
+    settings of a sink that publishes there; the broker is stopped at the end."""
+    broker = Broker(root)
+    broker.start()
+    subscriber = None
+    try:
+        wait_for(lambda: _connectable(broker.port), 10, "mosquitto to listen")
+        subscriber = Subscriber.connected(broker.port)
+        yield (
+            broker,
+            subscriber,
+            {"type": "mqtt", "host": "127.0.0.1", "port": broker.port, "topic": "lookout/{camera}"},
+        )
+    finally:
+        if subscriber is not None:
+            subscriber.close()
+        broker.stop()
 
 
 def _connectable(port: int) -> bool:

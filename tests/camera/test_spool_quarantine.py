@@ -13,7 +13,7 @@ import pytest
 from lookout_edge.client.camera.sinks import SpooledSink, Transport
 from lookout_edge.client.camera.spool import Spool
 from tests.camera.conftest import folder_camera_config, save_image, wait_for
-from tests.camera.test_mqtt import MOSQUITTO, Broker, Subscriber, _connectable
+from tests.camera.test_mqtt import MOSQUITTO, broker_and_subscriber
 from tests.conftest import make_image
 
 EMPTY = b""
@@ -67,22 +67,11 @@ def test_stray_and_corrupt_spool_files_neither_disable_nor_block_the_sink(
     (spool / "0000000000000002.event").write_text(json.dumps(pending))
     (spool / "abc.event").write_bytes(b"not a spooled event")
     (spool / "7.event").write_text(json.dumps(pending))  # a number, but not a name the spool writes
-    broker = Broker(tmp_path / "broker")
-    broker.start()
     agent = agent_process()
     agent.wait_ready()
     folder = tmp_path / "incoming"
     folder.mkdir()
-    subscriber = None
-    try:
-        wait_for(lambda: _connectable(broker.port), 10, "mosquitto to listen")
-        subscriber = Subscriber.connected(broker.port)
-        sink_settings = {
-            "type": "mqtt",
-            "host": "127.0.0.1",
-            "port": broker.port,
-            "topic": "lookout/{camera}",
-        }
+    with broker_and_subscriber(tmp_path / "broker") as (broker, subscriber, sink_settings):
         daemon = camera_daemon(folder_camera_config(agent.address, "bench", folder, [sink_settings]))
         for index in range(3):
             save_image(folder, f"{index}.png", make_image())
@@ -91,10 +80,6 @@ def test_stray_and_corrupt_spool_files_neither_disable_nor_block_the_sink(
         wait_for(lambda: daemon.sink(sink).get("pending") == 0, 10, "the status to show an empty spool")
         assert daemon.sink(sink)["quarantined"] == 4
         assert daemon.stop() == 0
-    finally:
-        if subscriber is not None:
-            subscriber.close()
-        broker.stop()
     received = subscriber.received()
     assert received[0] == pending
     assert [Path(e["source_file"]).name for e in received[1:]] == ["0.png", "1.png", "2.png"]
