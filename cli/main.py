@@ -14,6 +14,7 @@ from pathlib import Path
 from PIL import Image
 
 from lookout_edge import DEFAULT_SOCKET, __version__
+from lookout_edge.agent.backends.base import ACCELERATORS
 
 
 def _socket_default() -> str:
@@ -47,7 +48,7 @@ def _add_agent_parser(commands: argparse._SubParsersAction) -> None:
     parser.add_argument("--tls-key", type=Path, help="server private key (PEM) for --tcp-address")
     parser.add_argument("--tls-client-ca", type=Path, help="require client certificates signed by this CA")
     # Accelerators (docs/accelerators.md).
-    parser.add_argument("--accelerator", help="auto (default), cpu, cuda or tensorrt")
+    parser.add_argument("--accelerator", help=f"one of {', '.join(ACCELERATORS)} (default auto)")
     parser.add_argument("--engine-cache-dir", type=Path, help="where built TensorRT engines are cached")
     parser.add_argument("--tensorrt-precision", help="auto (FP16 where fast, default), fp16 or fp32")
 
