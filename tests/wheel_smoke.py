@@ -76,8 +76,8 @@ def main() -> int:
     venv = WORK / "venv"
     subprocess.run([sys.executable, "-m", "venv", str(venv)], check=True)
     python, command = venv / "bin" / "python", str(venv / "bin" / "lookout-edge")
-    run([str(python), "-m", "pip", "install", "--quiet", f"{wheel}[train]"], WORK)
-    step("installed with the train extra into a clean virtual environment")
+    run([str(python), "-m", "pip", "install", "--quiet", f"{wheel}[train,camera]"], WORK)
+    step("installed with the train and camera extras into a clean virtual environment")
 
     work = shadowing_directory(WORK / "work")
     bare = f"sorted(n for n in sys.modules if n.split('.')[0] in {SUBPACKAGE_FOLDERS!r})"
@@ -111,7 +111,7 @@ def main() -> int:
                 raise SystemExit(f"wheel smoke: the agent did not start\n{agent.communicate()[0]}")
             time.sleep(0.1)
         run([command, "models", "start", MODEL, "--wait", "60", "--socket", address], work)
-        results = trained["results"]
+        results = json.loads((work / "models" / "smoke" / "evaluation.json").read_text())["results"]
         chosen = [
             next(r for r in results if not r["is_anomalous"]),
             next(r for r in results if r["is_anomalous"]),
