@@ -44,6 +44,8 @@ class AgentConfig:
     tls_cert: Path | None = None
     tls_key: Path | None = None
     tls_client_ca: Path | None = None
+    # Serve Prometheus metrics at http://HOST:PORT/metrics (docs/agent.md#metrics-and-health).
+    metrics_address: str | None = None
     # Serve as this user ("name" or "name:group") once the socket exists (docs/agent.md#security).
     user: str | None = None
     # Accelerators (docs/accelerators.md).
@@ -91,6 +93,18 @@ def socket_path(address: str) -> Path:
     if not path:
         raise ConfigError(f"socket {address!r} names no file")
     return Path(path)
+
+
+def metrics_endpoint(address: str) -> tuple[str, int]:
+    """The (host, port) of a `metrics_address`: HOST:PORT, or [ADDRESS]:PORT for IPv6."""
+    host, _, port = address.rpartition(":")
+    if host.startswith("[") and host.endswith("]"):
+        host = host[1:-1]
+    if not host or not port.isdigit() or int(port) > 65535:
+        raise ConfigError(
+            f"metrics_address {address!r} must be HOST:PORT with a port from 0 to 65535, e.g. 127.0.0.1:9464"
+        )
+    return host, int(port)
 
 
 def _convert(name: str, kind: Any, value: Any) -> Any:
@@ -187,5 +201,7 @@ def _validate(config: AgentConfig) -> None:
         )
     if config.user is not None:
         resolve_account(config.user)
+    if config.metrics_address:
+        metrics_endpoint(config.metrics_address)
     if config.tls_client_ca and not config.tcp_address:
         raise ConfigError("tls_client_ca is set but tcp_address is not")

@@ -11,11 +11,12 @@ is removed from the models directory (at once, or by the last in-flight call's r
 
 from __future__ import annotations
 
+import builtins
 import logging
 import math
 import os
 import threading
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -47,14 +48,20 @@ def status_name(status: int) -> str:
     return pb2.ModelStatus.Name(status)
 
 
+# Told (component name, new status) on every state change, with the model's lock held: it must
+# not block, nor call into the registry (agent/health.py queues what it is told).
+StateObserver = Callable[[str, int], None]
+
+
 @dataclass(frozen=True)
 class ModelInfo:
-    """A consistent snapshot of one model, for ListModels and DescribeModel."""
+    """A consistent snapshot of one model, for ListModels, DescribeModel and the metrics."""
 
     name: str
     model_arn: str
     status: int
     status_message: str
+    in_flight: int  # calls admitted: running, or waiting for their turn
 
 
 def estimated_memory(package: ModelPackage) -> int:
@@ -95,8 +102,9 @@ class ModelSlot:
             package = self.loaded_package or self.package
             message = self.status_message
             if self.status in (STOPPED, FAILED) and self.package_error:
-                return ModelInfo(self.name, "", FAILED, self.package_error)
-            return ModelInfo(self.name, package.model_arn if package else "", self.status, message)
+                return ModelInfo(self.name, "", FAILED, self.package_error, self.in_flight)
+            arn = package.model_arn if package else ""
+            return ModelInfo(self.name, arn, self.status, message, self.in_flight)
 
 
 @dataclass(frozen=True)
@@ -116,12 +124,14 @@ class ModelRegistry:
         memory_limit_bytes: int | None = None,
         backends: BackendSelector | None = None,
         max_concurrent_runs: int | None = None,
+        observer: StateObserver | None = None,
     ) -> None:
         self.models_dir = models_dir
         self.queue_size = queue_size
         self.max_concurrent_runs = max_concurrent_runs or len(os.sched_getaffinity(0))
         self.memory_limit_bytes = memory_limit_bytes
         self.backends = backends or BackendSelector("cpu")
+        self._observer = observer
         self._lock = threading.Lock()
         self._start_lock = threading.Lock()
         self._scan_lock = threading.Lock()  # guards _scanned and _models_dir_error
@@ -183,6 +193,8 @@ class ModelRegistry:
             if slot is None:
                 slot = self._slots[name] = ModelSlot(name, self.max_concurrent_runs)
                 log.info("model %s found in %s", name, ", ".join(str(d) for d, _ in owners))
+                with slot.cond:
+                    self._set_status(slot, STOPPED, "")
             if len(owners) > 1:
                 package = None
                 error = (
@@ -194,7 +206,7 @@ class ModelRegistry:
             with slot.cond:
                 if slot.status == FAILED and package is not slot.package:
                     # What failed to load was another package: the new one has not been tried.
-                    slot.status, slot.status_message = STOPPED, ""
+                    self._set_status(slot, STOPPED, "")
                 slot.package, slot.package_error = package, error
         for name in set(self._slots) - set(claims):
             slot = self._slots.pop(name)
@@ -204,15 +216,31 @@ class ModelRegistry:
                     _close(slot.model)
                 else:  # the calls still run on it: the last one's release closes it (acquire)
                     slot.closing = slot.model
-                slot.status, slot.model, slot.loaded_package = STOPPED, None, None
+                slot.model, slot.loaded_package = None, None
+                self._set_status(slot, STOPPED, slot.status_message)
+
+    def _set_status(self, slot: ModelSlot, status: pb2.ModelStatus, message: str) -> None:
+        """Every state change goes through here, with `slot.cond` held, and tells the observer."""
+        slot.status, slot.status_message = status, message
+        if self._observer is not None:
+            self._observer(slot.name, status)
 
     # -- queries -----------------------------------------------------------------------------
 
     def list(self) -> list[ModelInfo]:
         self.refresh()
+        return self.snapshot()
+
+    def snapshot(self) -> builtins.list[ModelInfo]:  # `list` is the method above
+        """The models as of the last scan, by name, without scanning (for the metrics)."""
         with self._lock:
             slots = sorted(self._slots.values(), key=lambda slot: slot.name)
         return [slot.info() for slot in slots]
+
+    def knows(self, name: str) -> bool:
+        """Whether `name` is a model of the models directory, as of the last scan."""
+        with self._lock:
+            return name in self._slots
 
     def describe(self, name: str) -> ModelInfo:
         self.refresh()
@@ -265,7 +293,7 @@ class ModelRegistry:
                     return False
                 if not isinstance(planned, PackageError):
                     self._check_memory(planned, in_use)
-                slot.status, slot.status_message = STARTING, "loading the model"
+                self._set_status(slot, STARTING, "loading the model")
                 return True
 
     def _plan(self, package: ModelPackage | None, package_error: str) -> _Planned | PackageError:
@@ -319,16 +347,13 @@ class ModelRegistry:
                     return
                 slot.model, slot.loaded_package = model, package
                 note = "; ".join(filter(None, (selection.note, model.status_note)))
-                slot.status, slot.status_message = (
-                    RUNNING,
-                    "model is running" + (f"; warning: {note}" if note else ""),
-                )
+                self._set_status(slot, RUNNING, "model is running" + (f"; warning: {note}" if note else ""))
             log.info("model %s is RUNNING", slot.name)
 
-    @staticmethod
-    def _fail(slot: ModelSlot, message: str) -> None:
+    def _fail(self, slot: ModelSlot, message: str) -> None:
         with slot.cond:
-            slot.status, slot.status_message, slot.model = FAILED, message, None
+            slot.model = None
+            self._set_status(slot, FAILED, message)
         log.error("model %s FAILED: %s", slot.name, message)
 
     def stop(self, name: str) -> int:
@@ -340,11 +365,11 @@ class ModelRegistry:
                 raise FailedPrecondition(
                     f"model {shown(name)} is {status_name(slot.status)}; StopModel needs RUNNING"
                 )
-            slot.status, slot.status_message = STOPPING, "waiting for in-flight calls"
+            self._set_status(slot, STOPPING, "waiting for in-flight calls")
             slot.cond.wait_for(lambda: slot.in_flight == 0)
             _close(slot.model)  # releases the backend's memory, GPU memory included
             slot.model, slot.loaded_package = None, None
-            slot.status, slot.status_message = STOPPED, "model is stopped"
+            self._set_status(slot, STOPPED, "model is stopped")
         log.info("model %s is STOPPED", name)
         return STOPPED
 

@@ -16,13 +16,16 @@ from pathlib import Path
 from types import FrameType
 
 import grpc
+from grpc_health.v1 import health_pb2_grpc
 
 from lookout_edge import shm
 from lookout_edge.protocol import GRPC_MESSAGE_OPTIONS
 
 from .backends.selector import BackendSelector
-from .config import Account, AgentConfig, resolve_account
+from .config import Account, AgentConfig, metrics_endpoint, resolve_account
+from .health import AgentHealth
 from .malloc import tune_malloc
+from .metrics import AgentMetrics, MetricsServer
 from .models import ModelRegistry
 from .service import EdgeAgentServicer, add_to_server
 
@@ -112,18 +115,27 @@ def become(account: Account, socket_path: Path) -> None:
 
 
 class AgentServer:
-    """The gRPC server and the model registry it serves, with their lifetime."""
+    """The gRPC server and the model registry it serves, its health service and metrics, with
+    their lifetime."""
 
     def __init__(self, config: AgentConfig) -> None:
         self.config = config
         memory_limit = None if config.memory_limit_mb is None else config.memory_limit_mb << 20
         selector = BackendSelector(config.accelerator, config.engine_cache_dir, config.tensorrt_precision)
-        self.registry = ModelRegistry(
-            config.models_dir, config.queue_size, memory_limit, selector, config.max_concurrent_runs
-        )
         self._account = None if config.user is None else resolve_account(config.user)
-        self.servicer = EdgeAgentServicer(self.registry)
+        self.health = AgentHealth()
+        self.registry = ModelRegistry(
+            config.models_dir,
+            config.queue_size,
+            memory_limit,
+            selector,
+            config.max_concurrent_runs,
+            self.health.model_changed,
+        )
+        self.metrics = AgentMetrics(self.registry)
+        self.servicer = EdgeAgentServicer(self.registry, self.metrics)
         self._server: grpc.Server | None = None
+        self.metrics_server: MetricsServer | None = None
         self._socket_inode: int | None = None
         self._stopped = threading.Event()
 
@@ -137,6 +149,7 @@ class AgentServer:
             maximum_concurrent_rpcs=config.workers * 4,
         )
         add_to_server(self.servicer, server)
+        health_pb2_grpc.add_HealthServicer_to_server(self.health, server)
         server.add_insecure_port(f"unix:{path}")
         if config.tcp_address:
             server.add_secure_port(config.tcp_address, self._tls_credentials())
@@ -148,6 +161,8 @@ class AgentServer:
             os.umask(previous_umask)
         self._server = server
         self._secure_socket(path)
+        if config.metrics_address:
+            self._serve_metrics(config.metrics_address)
         if self._account is not None:
             become(self._account, path)
         self.servicer.shm_access = shm.SegmentAccess.for_socket(path.stat())
@@ -159,6 +174,15 @@ class AgentServer:
                 log.error("could not start model %s at start-up: %s", name, exc)
         threading.Thread(target=self._rescan_loop, name="rescan", daemon=True).start()
         log.info("Edge Agent serving on unix:%s, models from %s", path, config.models_dir)
+
+    def _serve_metrics(self, address: str) -> None:
+        """Serve the metrics; before the agent drops root, so that it may use a low port."""
+        host, port = metrics_endpoint(address)
+        try:
+            self.metrics_server = MetricsServer(self.metrics.registry, host, port)
+        except OSError as exc:
+            raise RuntimeError(f"metrics_address {address}: {exc.strerror or exc}") from None
+        log.info("metrics at http://%s:%d/metrics", host, self.metrics_server.port)
 
     def _tls_credentials(self) -> grpc.ServerCredentials:
         config = self.config
@@ -189,9 +213,14 @@ class AgentServer:
     def stop(self) -> None:
         """Stop accepting calls, let in-flight calls finish, remove the socket."""
         self._stopped.set()
-        if self._server is not None:
-            self._server.stop(self.config.shutdown_grace).wait()
-            self._server = None
+        stopped = None if self._server is None else self._server.stop(self.config.shutdown_grace)
+        self._server = None
+        self.health.shut_down()
+        if self.metrics_server is not None:
+            self.metrics_server.close()
+            self.metrics_server = None
+        if stopped is not None:
+            stopped.wait()
         path = self.config.socket_path()
         try:
             if self._socket_inode is not None and path.stat().st_ino == self._socket_inode:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import functools
 import logging
 import os
+import time
 from collections.abc import Callable
 from typing import Any, TypeVar
 
@@ -18,28 +19,38 @@ from lookout_edge.protocol import pb2, pb2_grpc
 
 from .detect import detect_anomalies
 from .errors import AgentError, InvalidArgument
+from .metrics import AgentMetrics
 from .models import ModelInfo, ModelRegistry
 
 log = logging.getLogger(__name__)
 Response = TypeVar("Response")
 
 
-def _rpc(method: Callable[[Any, Any, grpc.ServicerContext], Response]) -> Callable[..., Response]:
-    """Turn AgentError into its status code, and anything unexpected into INTERNAL (logged)."""
+def _rpc(
+    method: Callable[[EdgeAgentServicer, Any, grpc.ServicerContext], Response],
+) -> Callable[..., Response]:
+    """Turn AgentError into its status code, and anything unexpected into INTERNAL (logged);
+    count the call and its time in the metrics, by the status code it ends with."""
 
     @functools.wraps(method)
-    def wrapper(self: Any, request: Any, context: grpc.ServicerContext) -> Response:
+    def wrapper(self: EdgeAgentServicer, request: Any, context: grpc.ServicerContext) -> Response:
+        started = time.perf_counter()
+        code = grpc.StatusCode.OK
         try:
             if isinstance(request, MalformedRequest):
                 raise InvalidArgument(request.message)
             return method(self, request, context)
         except AgentError as exc:
+            code = exc.code
             context.abort(exc.code, exc.message)
         except Exception:
+            code = grpc.StatusCode.INTERNAL
             log.exception("%s failed unexpectedly", method.__name__)
-            context.abort(
-                grpc.StatusCode.INTERNAL, f"{method.__name__} failed inside the agent; see the agent log"
-            )
+            context.abort(code, f"{method.__name__} failed inside the agent; see the agent log")
+        finally:
+            # ListModels and a MalformedRequest name no model.
+            model = getattr(request, "model_component", "")
+            self.metrics.observe_call(method.__name__, model, code, time.perf_counter() - started)
         raise AssertionError("context.abort returned")  # pragma: no cover
 
     return wrapper
@@ -102,8 +113,9 @@ def _description(info: ModelInfo) -> pb2.ModelDescription:
 
 
 class EdgeAgentServicer(pb2_grpc.EdgeAgentServicer):
-    def __init__(self, registry: ModelRegistry) -> None:
+    def __init__(self, registry: ModelRegistry, metrics: AgentMetrics) -> None:
         self.registry = registry
+        self.metrics = metrics
         # Whose shared memory the agent may use for its callers: the server sets it from the
         # socket once that exists; until then, the strictest rule (the agent's own group).
         self.shm_access: shm.SegmentAccess | None = shm.SegmentAccess(os.getegid(), None)
@@ -112,7 +124,10 @@ class EdgeAgentServicer(pb2_grpc.EdgeAgentServicer):
     def DetectAnomalies(
         self, request: pb2.DetectAnomaliesRequest, context: grpc.ServicerContext
     ) -> pb2.DetectAnomaliesResponse:
-        return detect_anomalies(self.registry, request, self.shm_access)
+        response = detect_anomalies(self.registry, request, self.shm_access)
+        if response.detect_anomaly_result.is_anomalous:
+            self.metrics.count_anomalous(request.model_component)
+        return response
 
     @_rpc
     def DescribeModel(

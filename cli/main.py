@@ -47,6 +47,9 @@ def _add_agent_parser(commands: argparse._SubParsersAction) -> None:
     parser.add_argument("--tls-cert", type=Path, help="server certificate (PEM) for --tcp-address")
     parser.add_argument("--tls-key", type=Path, help="server private key (PEM) for --tcp-address")
     parser.add_argument("--tls-client-ca", type=Path, help="require client certificates signed by this CA")
+    parser.add_argument(
+        "--metrics-address", help="serve Prometheus metrics at http://HOST:PORT/metrics (off by default)"
+    )
     # Accelerators (docs/accelerators.md).
     parser.add_argument("--accelerator", help=f"one of {', '.join(ACCELERATORS)} (default auto)")
     parser.add_argument("--engine-cache-dir", type=Path, help="where built TensorRT engines are cached")
