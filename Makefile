@@ -6,9 +6,10 @@ PY := $(BIN)/python
 
 STAMP := $(VENV)/.installed
 
-# Debian packages the camera tests run: a GStreamer RTSP server and the mosquitto broker.
+# Debian packages the camera tests run: a GStreamer RTSP server, the mosquitto broker, and the
+# browser the dashboard test drives.
 SYSTEM_PACKAGES := gir1.2-gst-rtsp-server-1.0 gstreamer1.0-plugins-base gstreamer1.0-plugins-good \
-	gstreamer1.0-plugins-ugly python3-gi mosquitto
+	gstreamer1.0-plugins-ugly python3-gi mosquitto chromium chromium-driver
 
 .PHONY: setup system-packages proto lint test demo bench clean components
 

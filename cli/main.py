@@ -195,7 +195,12 @@ def _run_camera(args: argparse.Namespace) -> int:
         print(f"lookout-edge camera: {exc}", file=sys.stderr)
         return 2
     _log_to_stderr(args.log_level)
-    return CameraDaemon(config).run_until_signalled()
+    try:
+        daemon = CameraDaemon(config)
+    except OSError as exc:  # e.g. the dashboard's port is taken
+        print(f"lookout-edge camera: {exc.strerror or exc}", file=sys.stderr)
+        return 1
+    return daemon.run_until_signalled()
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -5,6 +5,7 @@ Every key is documented in docs/camera.md.
 
 from __future__ import annotations
 
+import ipaddress
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -39,6 +40,26 @@ class Crop:
 
 
 @dataclass(frozen=True)
+class CaptureRule:
+    """Frames a rule saves: at most `max_per_minute` of them (a sliding minute)."""
+
+    max_per_minute: float
+    band: float = 0.0  # near_threshold: |anomaly_score - threshold| <= band
+    fraction: float = 0.0  # random: the share of frames taken
+
+
+@dataclass(frozen=True)
+class CaptureConfig:
+    """Original frames kept for retraining under `<state_dir>/capture/<camera>/`."""
+
+    anomalous: CaptureRule | None = None
+    near_threshold: CaptureRule | None = None
+    random: CaptureRule | None = None
+    max_bytes: int = 1 << 30
+    max_age_s: float = 30 * 86400.0
+
+
+@dataclass(frozen=True)
 class CameraConfig:
     name: str
     source: str
@@ -57,6 +78,7 @@ class CameraConfig:
         DEFAULT_MAX_PIXELS  # larger images are refused before decoding (folders), frames skipped
     )
     options: dict[str, str] = field(default_factory=dict)  # demuxer options passed to FFmpeg
+    capture: CaptureConfig | None = None
 
     @property
     def kind(self) -> str:
@@ -86,6 +108,19 @@ class SinkConfig:
 
 
 @dataclass(frozen=True)
+class DashboardConfig:
+    host: str
+    port: int
+    token: str | None = None  # required off loopback unless `insecure`
+    insecure: bool = False
+    tls_cert: Path | None = None
+    tls_key: Path | None = None
+    review_band: float = 0.1  # frames this close to the threshold join the review queue
+    review_random: float = 0.02  # and this share of the others
+    review_size: int = 20  # review items held per camera (their frames stay in memory)
+
+
+@dataclass(frozen=True)
 class DaemonConfig:
     agent_socket: str
     models_dir: Path | None
@@ -98,6 +133,7 @@ class DaemonConfig:
     shm_mode: int = 0o660
     agent_timeout: float = 10.0
     start_models: bool = True
+    dashboard: DashboardConfig | None = None
 
 
 def _mapping(value: Any, key: str) -> dict[str, Any]:
@@ -178,6 +214,8 @@ def _camera(raw: Any, index: int, models_dir: Path | None) -> CameraConfig:
     max_pixels = _take(data, "max_pixels", where, int, DEFAULT_MAX_PIXELS)
     if not 0 < max_pixels <= MAX_PIXELS_CEILING:
         raise ConfigError(f"{where}.max_pixels: from 1 to {MAX_PIXELS_CEILING}, got {max_pixels}")
+    capture_raw = _take(data, "capture", where, dict, None)
+    capture = _capture(capture_raw, f"{where}.capture") if capture_raw is not None else None
     _no_extra(data, where)
     camera = CameraConfig(
         name,
@@ -190,11 +228,117 @@ def _camera(raw: Any, index: int, models_dir: Path | None) -> CameraConfig:
         loop=loop,
         options=dict(options),
         max_pixels=max_pixels,
+        capture=capture,
         **timings,
     )
     if camera.kind == "file" and not Path(source).is_file():
         raise ConfigError(f"{where}.source: {source} is not a stream URL, a device, a file or a directory")
     return camera
+
+
+def _fraction(value: float, key: str) -> float:
+    if not 0 <= value <= 1:
+        raise ConfigError(f"{key}: from 0 to 1, got {value}")
+    return float(value)
+
+
+def _capture_rule(raw: Any, where: str, extra: str | None) -> CaptureRule:
+    data = dict(_mapping(raw, where))
+    rate = _take(data, "max_per_minute", where, (int, float), 10)
+    _positive(rate, f"{where}.max_per_minute")
+    rule = CaptureRule(float(rate))
+    if extra == "band":
+        band = _take(data, "band", where, (int, float), None)
+        if band is None or band < 0:
+            raise ConfigError(f"{where}.band: required, a score distance of 0 or more")
+        rule = CaptureRule(float(rate), band=float(band))
+    elif extra == "fraction":
+        fraction = _take(data, "fraction", where, (int, float), None)
+        if fraction is None:
+            raise ConfigError(f"{where}.fraction: required, the share of frames to take (0 to 1)")
+        rule = CaptureRule(float(rate), fraction=_fraction(fraction, f"{where}.fraction"))
+    _no_extra(data, where)
+    return rule
+
+
+def _capture(raw: dict[str, Any], where: str) -> CaptureConfig:
+    data = dict(raw)
+    rules = {}
+    for key, extra in (("anomalous", None), ("near_threshold", "band"), ("random", "fraction")):
+        value = data.pop(key, None)
+        if value is not None and value is not False:
+            rules[key] = _capture_rule({} if value is True else value, f"{where}.{key}", extra)
+    max_mb = _take(data, "max_mb", where, (int, float), 1024)
+    max_age_days = _take(data, "max_age_days", where, (int, float), 30)
+    _positive(max_mb, f"{where}.max_mb")
+    _positive(max_age_days, f"{where}.max_age_days")
+    _no_extra(data, where)
+    if not rules:
+        raise ConfigError(f"{where}: give at least one of anomalous, near_threshold, random")
+    return CaptureConfig(**rules, max_bytes=int(max_mb * (1 << 20)), max_age_s=float(max_age_days) * 86400.0)
+
+
+def is_loopback(host: str) -> bool:
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:  # a host name: it may resolve to anything
+        return False
+
+
+def _dashboard(raw: Any) -> DashboardConfig:
+    where = "dashboard"
+    data = dict(_mapping(raw, where))
+    address = _take(data, "address", where, str, "127.0.0.1:8080")
+    host, _, port_text = address.rpartition(":")
+    host = host.strip("[]")
+    if not host or not port_text.isdigit() or not 0 <= int(port_text) <= 65535:
+        raise ConfigError(f"dashboard.address: HOST:PORT, e.g. 127.0.0.1:8080, got {address!r}")
+    token = _take(data, "token", where, str, None)
+    token_file = _take(data, "token_file", where, str, None)
+    if token is not None and token_file is not None:
+        raise ConfigError("dashboard: give token or token_file, not both")
+    if token_file is not None:
+        try:
+            token = Path(token_file).read_text().strip()
+        except OSError as exc:
+            raise ConfigError(f"dashboard.token_file: cannot read {token_file}: {exc.strerror}") from None
+    if token is not None and not token:
+        raise ConfigError("dashboard.token: must not be empty")
+    insecure = _take(data, "insecure", where, bool, False)
+    if not is_loopback(host) and token is None and not insecure:
+        raise ConfigError(
+            f"dashboard.address: {address} is not a loopback address; give dashboard.token (or "
+            "token_file) so that only holders of the token get in, or set dashboard.insecure: true "
+            "to serve it to anyone who can reach it"
+        )
+    tls = dict(_mapping(_take(data, "tls", where, dict, None), "dashboard.tls"))
+    cert = _take(tls, "cert", "dashboard.tls", str, None)
+    key = _take(tls, "key", "dashboard.tls", str, None)
+    _no_extra(tls, "dashboard.tls")
+    if (cert is None) != (key is None):
+        raise ConfigError("dashboard.tls: give both cert and key (PEM files)")
+    band = _take(data, "review_band", where, (int, float), 0.1)
+    if band < 0:
+        raise ConfigError(f"dashboard.review_band: 0 or more, got {band}")
+    review_random = _fraction(
+        _take(data, "review_random", where, (int, float), 0.02), "dashboard.review_random"
+    )
+    review_size = _take(data, "review_size", where, int, 20)
+    _positive(review_size, "dashboard.review_size")
+    _no_extra(data, where)
+    return DashboardConfig(
+        host,
+        int(port_text),
+        token,
+        insecure,
+        Path(cert) if cert else None,
+        Path(key) if key else None,
+        float(band),
+        review_random,
+        review_size,
+    )
 
 
 def _model_size(models_dir: Path, model: str, where: str) -> tuple[int, int]:
@@ -285,6 +429,8 @@ def parse_config(raw: Any) -> DaemonConfig:
     status_interval = _take(status, "interval", "status", (int, float), 10.0)
     _positive(status_interval, "status.interval")
     _no_extra(status, "status")
+    dashboard_raw = data.pop("dashboard", None)
+    dashboard = _dashboard(dashboard_raw) if dashboard_raw is not None else None
     _no_extra(data, "configuration")
     return DaemonConfig(
         agent_socket=socket,
@@ -298,6 +444,7 @@ def parse_config(raw: Any) -> DaemonConfig:
         shm_mode=shm_mode,
         agent_timeout=float(agent_timeout),
         start_models=start_models,
+        dashboard=dashboard,
     )
 
 

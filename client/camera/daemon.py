@@ -18,7 +18,13 @@ import grpc
 from lookout_edge.client.edge_client import Detection, EdgeAgentClient, EdgeAgentError
 from lookout_edge.shm import SHM_DIR
 
+from .capture import Capture
 from .config import CameraConfig, DaemonConfig
+from .dashboard.api import Api, ModelStates
+from .dashboard.feed import CameraFeed, Feed
+from .dashboard.metrics import Metrics
+from .dashboard.review import ReviewStore
+from .dashboard.server import Dashboard
 from .images import ImageStore
 from .sinks import Sink, build_sink
 from .sources import Frame, FrameError, FrameSource, open_source, to_model_input
@@ -91,13 +97,22 @@ class CameraWorker:
     """
 
     def __init__(
-        self, camera: CameraConfig, config: DaemonConfig, sinks: list[Sink], images: ImageStore | None
+        self,
+        camera: CameraConfig,
+        config: DaemonConfig,
+        sinks: list[Sink],
+        images: ImageStore | None,
+        capture: Capture | None = None,
     ) -> None:
         self.camera = camera
         self.stats = CameraStats(camera.name)
         self._config = config
         self._sinks = sinks
         self._images = images
+        self._capture = capture
+        # Set by the daemon when the dashboard is on.
+        self.feed: CameraFeed | None = None
+        self.metrics: Metrics | None = None
         self._size = (camera.width, camera.height) if camera.width and camera.height else None
         self._agent_delay = AGENT_RETRY_INITIAL_S
         self._model_ready = not config.start_models
@@ -208,12 +223,21 @@ class CameraWorker:
                 if image is None:
                     self.stats.add(images_skipped=1)
         event = make_event(self.camera, frame, detection, detect_ms, image)
-        self.stats.inference(event["latency_ms"]["capture_to_result"], detection.is_anomalous)
+        latency_ms = event["latency_ms"]["capture_to_result"]
+        self.stats.inference(latency_ms, detection.is_anomalous)
         for sink in self._sinks:
             try:
                 sink.submit(event)
             except Exception:  # one broken sink must not stop the camera or the others
                 log.exception("sink %s failed", sink.name)
+        try:  # after the sinks: whatever happens here, the event is out
+            if self._capture is not None:
+                self._capture.offer(event, pixels)
+            if self.feed is not None and self.metrics is not None:
+                self.feed.record(event, pixels, detection.mask)
+                self.metrics.observe_latency(self.camera.name, latency_ms)
+        except Exception:
+            log.exception("camera %s: the capture or the dashboard failed on a frame", self.camera.name)
 
     def stop(self) -> None:
         self._stop.set()
@@ -237,18 +261,45 @@ class CameraDaemon:
             except (OSError, ValueError, ImportError) as exc:
                 log.error("sinks[%d] (%s) is disabled: %s", index, sink_config.type, exc)
         images = ImageStore(config.images) if config.images.directory is not None else None
-        self.workers = [CameraWorker(camera, config, self.sinks, images) for camera in config.cameras]
+        rules = {camera.name: camera.capture for camera in config.cameras if camera.capture is not None}
+        self.capture = Capture(config.state_dir / "capture", rules) if rules else None
+        self.workers = [
+            CameraWorker(camera, config, self.sinks, images, self.capture) for camera in config.cameras
+        ]
         self.reporter = StatusReporter(
             config.status_file,
             config.status_interval,
             [worker.stats for worker in self.workers],
             lambda: {sink.name: sink.stats() for sink in self.sinks},
+            self.capture.stats if self.capture is not None else None,
         )
+        self.dashboard = self._dashboard() if config.dashboard is not None else None
+
+    def _dashboard(self) -> Dashboard:
+        """The feed the workers append to, and the server that shows it (bound here, started later)."""
+        config = self._config
+        assert config.dashboard is not None
+        feed = Feed([(c.name, c.model) for c in config.cameras], config.dashboard)
+        metrics = Metrics(self.reporter.status)
+        for worker in self.workers:
+            worker.feed = feed.cameras[worker.camera.name]
+            worker.metrics = metrics
+        api = Api(
+            feed,
+            ReviewStore(config.state_dir / "review"),
+            self.reporter.status,
+            ModelStates(config.agent_socket),
+        )
+        return Dashboard(config.dashboard, feed, api, metrics)
 
     def start(self) -> None:
+        if self.capture is not None:
+            self.capture.start()
         for worker in self.workers:
             worker.start()
         self.reporter.start()
+        if self.dashboard is not None:
+            self.dashboard.start()
         log.info("camera daemon running: %d camera(s), %d sink(s)", len(self.workers), len(self.sinks))
 
     def stop(self) -> None:
@@ -268,6 +319,10 @@ class CameraDaemon:
                 sink.close()
             except Exception as exc:
                 log.error("sink %s: cannot close: %s", sink.name, exc)
+        if self.capture is not None:
+            self.capture.close()
+        if self.dashboard is not None:
+            self.dashboard.stop()
         self.reporter.stop()
 
     def run_until_signalled(self) -> int:

@@ -97,8 +97,10 @@ class StatusReporter:
         interval: float,
         cameras: list[CameraStats],
         sinks: Callable[[], dict[str, dict[str, Any]]],
+        capture: Callable[[], dict[str, dict[str, Any]]] | None = None,
     ) -> None:
         self._path = path
+        self._capture = capture
         self._interval = interval
         self._cameras = cameras
         self._sinks = sinks
@@ -110,13 +112,16 @@ class StatusReporter:
         self._thread.start()
 
     def status(self) -> dict[str, Any]:
-        return {
+        status = {
             "pid": os.getpid(),
             "started": self._started,
             "updated": time.time(),
             "cameras": {stats.name: stats.snapshot() for stats in self._cameras},
             "sinks": self._sinks(),
         }
+        if self._capture is not None:
+            status["capture"] = self._capture()
+        return status
 
     def report(self, to_log: bool = True) -> None:
         status = self.status()
