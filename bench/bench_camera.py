@@ -2,10 +2,12 @@
 
 An H.264 1080p video file is decoded by the daemon's file source (every frame, as fast as the
 agent answers), so frames/s is the whole path's throughput; capture-to-result latency runs from
-the decoded frame to the result. Beside it, the agent's own DetectAnomalies latency over shared
-memory on the same model and size, measured with the client alone. The model is the trainer's
-graph at 1920x1080 with a 3,000-patch bank (bench/bench_agent.py), so its cost is a trained
-model's; pass --package for a trained model package of any size (frames are resized to it).
+the decoded frame to the result. The daemon runs twice, without and with its dashboard (pages
+fetched every second meanwhile): the ratio of frames/s says what the dashboard costs. Beside
+it, the agent's own DetectAnomalies latency over shared memory on the same model and size,
+measured with the client alone. The model is the trainer's graph at 1920x1080 with a
+3,000-patch bank (bench/bench_agent.py), so its cost is a trained model's; pass --package for a
+trained model package of any size (frames are resized to it).
 
     python bench/bench_camera.py [--frames N] [--package DIR] [--json OUT]
 """
@@ -19,8 +21,11 @@ import statistics
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 from pathlib import Path
+from typing import Any
+from urllib.request import urlopen
 
 import av
 import numpy as np
@@ -61,6 +66,59 @@ def stats(values: list[float]) -> dict[str, float]:
         "p50": round(ordered[len(ordered) // 2], 2),
         "p95": round(ordered[int(0.95 * (len(ordered) - 1))], 2),
     }
+
+
+def run_daemon(
+    work: Path, socket: str, models: Path, video: Path, model: str, frames: int, dashboard: bool
+) -> dict[str, Any]:
+    """The camera path's figures for `frames` frames of `video`; with `dashboard`, the daemon
+    serves its dashboard and a browser's worth of requests (the overview, the camera page, the
+    status and an image, every second) arrive while it runs."""
+    events = work / "events.jsonl"
+    raw: dict[str, Any] = {
+        "agent": {"socket": socket, "models_dir": str(models)},
+        "state_dir": str(work / "state"),
+        "cameras": [{"name": "bench", "source": str(video), "model": model}],
+        "sinks": [{"type": "jsonl", "path": str(events)}],
+    }
+    if dashboard:
+        raw["dashboard"] = {"address": "127.0.0.1:0"}
+    daemon = CameraDaemon(parse_config(raw))
+    viewer = None
+    done = threading.Event()
+    if daemon.dashboard is not None:
+        base = daemon.dashboard.url
+        viewer = threading.Thread(target=_view, args=(base, done), daemon=True)
+    started = time.monotonic()
+    daemon.start()
+    if viewer is not None:
+        viewer.start()
+    while time.monotonic() - started < 600:
+        count = len(events.read_text().splitlines()) if events.exists() else 0
+        if count >= frames:
+            break
+        time.sleep(0.05)
+    elapsed = time.monotonic() - started
+    done.set()
+    daemon.stop()
+    records = [json.loads(line) for line in events.read_text().splitlines()]
+    return {
+        "frames": len(records),
+        "camera_fps": round(len(records) / elapsed, 2),
+        "capture_to_result_ms": stats([r["latency_ms"]["capture_to_result"] for r in records]),
+        "camera_detect_ms": stats([r["latency_ms"]["detect"] for r in records]),
+    }
+
+
+def _view(base: str, done: threading.Event) -> None:
+    """What an open dashboard costs: its pages and an image fetched every second."""
+    while not done.wait(1.0):
+        for path in ("", "cameras/bench", "api/status", "cameras/bench/latest.jpg"):
+            try:
+                with urlopen(base + path, timeout=5) as reply:
+                    reply.read()
+            except OSError:
+                pass
 
 
 def main() -> int:
@@ -118,35 +176,18 @@ def main() -> int:
                 client.detect(image, package.component_name, shared_memory=True)
                 direct.append((time.perf_counter() - started) * 1000)
 
-        events = work / "events.jsonl"
-        config = parse_config(
-            {
-                "agent": {"socket": socket, "models_dir": str(models)},
-                "state_dir": str(work / "state"),
-                "cameras": [{"name": "bench", "source": str(video), "model": package.component_name}],
-                "sinks": [{"type": "jsonl", "path": str(events)}],
-            }
-        )
-        daemon = CameraDaemon(config)
-        started = time.monotonic()
-        daemon.start()
-        while time.monotonic() - started < 600:
-            count = len(events.read_text().splitlines()) if events.exists() else 0
-            if count >= args.frames:
-                break
-            time.sleep(0.05)
-        elapsed = time.monotonic() - started
-        daemon.stop()
-        records = [json.loads(line) for line in events.read_text().splitlines()]
         figures = {
             "resolution": f"{WIDTH}x{HEIGHT}",
             "model": f"{package.component_name} ({package.width}x{package.height})",
-            "frames": len(records),
-            "camera_fps": round(len(records) / elapsed, 2),
-            "capture_to_result_ms": stats([r["latency_ms"]["capture_to_result"] for r in records]),
-            "camera_detect_ms": stats([r["latency_ms"]["detect"] for r in records]),
             "agent_detect_shm_ms": stats(direct),
         }
+        for name, dashboard in (("without_dashboard", False), ("with_dashboard", True)):
+            figures[name] = run_daemon(
+                work / name, socket, models, video, package.component_name, args.frames, dashboard
+            )
+        figures["dashboard_fps_ratio"] = round(
+            figures["with_dashboard"]["camera_fps"] / figures["without_dashboard"]["camera_fps"], 3
+        )
         print(json.dumps(figures, indent=2))
         if args.json:
             args.json.write_text(json.dumps(figures, indent=2) + "\n")
