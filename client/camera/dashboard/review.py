@@ -10,6 +10,7 @@ replaces its line. Paths are built from validated event ids, never taken from a 
 from __future__ import annotations
 
 import datetime
+import io
 import json
 import os
 import re
@@ -97,12 +98,9 @@ class ReviewStore:
         }
         with self._lock:
             if not image.exists():
-                partial = image.with_name(f".{image.name}.tmp")
-                try:
-                    Image.fromarray(record.pixels).save(partial, "PNG")
-                    os.replace(partial, image)
-                finally:
-                    partial.unlink(missing_ok=True)
+                encoded = io.BytesIO()
+                Image.fromarray(record.pixels).save(encoded, "PNG")
+                _write_atomically(image, encoded.getvalue())  # durable before the manifest names it
             lines = {**self._lines, event_id: line}
             text = "".join(json.dumps(item, sort_keys=True) + "\n" for item in lines.values())
             _write_atomically(self.manifest, text.encode())
