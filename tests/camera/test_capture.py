@@ -98,7 +98,9 @@ def test_the_size_and_age_bounds(tmp_path: Path) -> None:
 
 def test_capture_keys_are_checked(tmp_path: Path) -> None:
     def camera_capture(capture: object) -> object:
-        config = folder_camera_config("unix:///x", "line1", tmp_path, [{"type": "jsonl", "path": "x"}])
+        config = folder_camera_config(
+            "unix:///x", "line1", tmp_path, [{"type": "jsonl", "path": str(tmp_path / "events.jsonl")}]
+        )
         config["cameras"][0]["capture"] = capture
         return parse_config(config).cameras[0].capture
 

@@ -33,7 +33,9 @@ TOKEN = "s3cret-token"
 
 
 def config_with(dashboard: dict[str, object], tmp_path: Path) -> dict[str, object]:
-    config = folder_camera_config("unix:///nowhere", "line1", tmp_path, [{"type": "jsonl", "path": "x"}])
+    config = folder_camera_config(
+        "unix:///nowhere", "line1", tmp_path, [{"type": "jsonl", "path": str(tmp_path / "events.jsonl")}]
+    )
     config["dashboard"] = dashboard
     return config
 
