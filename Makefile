@@ -52,6 +52,7 @@ bench: setup
 	$(PY) bench/bench_trainer.py
 	$(PY) bench/bench_camera.py
 	$(PY) bench/bench_soak.py
+	$(PY) bench/bench_quality.py $(QUALITY_ARGS)
 
 clean:
 	rm -rf $(VENV) build *.egg-info .pytest_cache .mypy_cache .ruff_cache

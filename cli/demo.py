@@ -2,15 +2,14 @@
 
 Generates a small labelled dataset (textured parts with scratches and missing pieces, with
 masks), trains and evaluates a segmentation model on it, starts the Edge Agent on a private
-socket and runs a client application against it: start the model, detect anomalies on
-held-out images over bytes and over shared memory, print the verdicts, stop the model, stop
-the agent.
+socket and runs a client application against it: start the model, detect anomalies on new
+parts it has never seen, over bytes and over shared memory, print the verdicts, stop the
+model, stop the agent.
 """
 
 from __future__ import annotations
 
 import argparse
-import json
 import shutil
 import signal
 import subprocess
@@ -28,13 +27,14 @@ from lookout_edge.trainer.train import train
 MODEL = "parts-inspection"
 
 
-def held_out_images(package: Path, dataset: Path, count: int = 3) -> list[Path]:
-    """A few normal and anomalous images the model was evaluated on (not trained on)."""
-    results = json.loads((package / "evaluation.json").read_text())["results"]
-    chosen = [r for r in results if not r["is_anomalous"]][:count] + [
-        r for r in results if r["is_anomalous"]
-    ][:count]
-    return [next(dataset.rglob(record["name"])) for record in chosen]
+def unseen_images(out: Path, count: int = 3) -> list[Path]:
+    """A few normal and anomalous parts of the same kind that the model has never seen (the
+    trained model uses every image of its dataset)."""
+    manifest = write_synthetic_dataset(out, normal=count, anomalous=count, seed=1)
+    images = sorted(p for p in manifest.parent.rglob("*.png") if p.parent.name != "masks")
+    return [p for p in images if p.name.startswith("normal-")] + [
+        p for p in images if p.name.startswith("anomaly-")
+    ]
 
 
 def wait_for_agent(client: EdgeAgentClient, agent: subprocess.Popen, timeout: float = 30.0) -> None:
@@ -66,7 +66,7 @@ def main() -> int:
     for line in summary_lines(result.evaluation):
         print(f"   {line}")
     print(f"   report: {result.package / 'report.html'}")
-    images = held_out_images(result.package, dataset.parent)
+    images = unseen_images(out / "unseen")
 
     socket = f"unix://{out}/agent.sock"
     print(f"3. starting the Edge Agent on {socket}")
