@@ -22,7 +22,7 @@ import pytest
 import yaml
 from PIL import Image
 
-from tests.conftest import lookout_edge_command
+from tests.conftest import AgentProcess, lookout_edge_command
 
 HERE = Path(__file__).resolve().parent
 SYSTEM_PYTHON = "/usr/bin/python3"
@@ -45,6 +45,15 @@ def wait_for(condition: Callable[[], Any], timeout: float, what: str) -> Any:
             return value
         time.sleep(0.05)
     raise AssertionError(f"timed out after {timeout} s waiting for {what}")
+
+
+def agent_and_folder(agent_process: Callable[..., AgentProcess], tmp_path: Path) -> tuple[AgentProcess, Path]:
+    """An agent process that answers, and an empty folder for a folder camera to watch."""
+    agent = agent_process()
+    agent.wait_ready()
+    folder = tmp_path / "incoming"
+    folder.mkdir()
+    return agent, folder
 
 
 def folder_camera_config(

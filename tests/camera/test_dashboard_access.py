@@ -26,7 +26,15 @@ from lookout_edge.client.camera.dashboard.feed import Feed
 from lookout_edge.client.camera.dashboard.metrics import Metrics
 from lookout_edge.client.camera.dashboard.review import ReviewStore
 from lookout_edge.client.camera.dashboard.server import Dashboard
-from tests.camera.conftest import folder_camera_config, free_port, http, read_events, save_image, wait_for
+from tests.camera.conftest import (
+    agent_and_folder,
+    folder_camera_config,
+    free_port,
+    http,
+    read_events,
+    save_image,
+    wait_for,
+)
 from tests.conftest import HEIGHT, lookout_edge_command, make_image
 
 TOKEN = "s3cret-token"
@@ -99,10 +107,7 @@ def metric_values(text: str) -> dict[tuple[str, tuple[tuple[str, str], ...]], fl
 
 
 def test_token_metrics_and_capture(tmp_path: Path, agent_process, camera_daemon) -> None:
-    agent = agent_process()
-    agent.wait_ready()
-    folder = tmp_path / "incoming"
-    folder.mkdir()
+    agent, folder = agent_and_folder(agent_process, tmp_path)
     events_path = tmp_path / "events.jsonl"
     config = folder_camera_config(
         agent.address, "line1", folder, [{"type": "jsonl", "path": str(events_path)}]

@@ -13,6 +13,7 @@ from selenium.webdriver.common.by import By
 
 from tests.camera.conftest import (
     SCREENSHOTS,
+    agent_and_folder,
     folder_camera_config,
     free_port,
     read_events,
@@ -45,10 +46,7 @@ def field(driver, camera: str, name: str) -> str:  # type: ignore[no-untyped-def
 def test_overview_camera_page_and_review_in_a_browser(
     tmp_path: Path, agent_process, camera_daemon, models_dir: Path, browser
 ) -> None:
-    agent = agent_process()
-    agent.wait_ready()
-    folder = tmp_path / "incoming"
-    folder.mkdir()
+    agent, folder = agent_and_folder(agent_process, tmp_path)
     events_path = tmp_path / "events.jsonl"
     config = folder_camera_config(
         agent.address, "line1", folder, [{"type": "jsonl", "path": str(events_path)}]

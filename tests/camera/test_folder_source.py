@@ -8,7 +8,7 @@ import struct
 import zlib
 from pathlib import Path
 
-from tests.camera.conftest import folder_camera_config, read_events, save_image, wait_for
+from tests.camera.conftest import agent_and_folder, folder_camera_config, read_events, save_image, wait_for
 from tests.conftest import HEIGHT, make_image
 
 OLD_MTIME = 1_600_000_000  # September 2020: what `cp -p`, `rsync -t` or `mv` from staging keep
@@ -41,10 +41,7 @@ def sources(events_path: Path) -> list[str]:
 def test_oversized_images_are_refused_before_decoding_and_the_camera_keeps_going(
     tmp_path: Path, agent_process, camera_daemon, models_dir: Path
 ) -> None:
-    agent = agent_process()
-    agent.wait_ready()
-    folder = tmp_path / "incoming"
-    folder.mkdir()
+    agent, folder = agent_and_folder(agent_process, tmp_path)
     blank_png(folder / "0-large.png", 12000, 12000)  # 144 megapixels: 432 MB once decoded as RGB
     blank_png(folder / "1-bomb.png", 20000, 20000)  # Pillow itself refuses it (DecompressionBombError)
     save_image(folder, "2-good.png", make_image(red=HEIGHT // 2))
@@ -107,10 +104,7 @@ def test_files_older_than_the_last_one_are_processed_and_a_restart_repeats_none(
 def test_a_fifo_or_directory_named_like_an_image_is_skipped_and_sigterm_stops_the_daemon(
     tmp_path: Path, agent_process, camera_daemon, models_dir: Path
 ) -> None:
-    agent = agent_process()
-    agent.wait_ready()
-    folder = tmp_path / "incoming"
-    folder.mkdir()
+    agent, folder = agent_and_folder(agent_process, tmp_path)
     os.mkfifo(folder / "0-pipe.jpg")
     (folder / "1-directory.png").mkdir()
     events_path = tmp_path / "events.jsonl"

@@ -9,7 +9,7 @@ import os
 from pathlib import Path
 from typing import Any
 
-from tests.camera.conftest import folder_camera_config, read_events, save_image, wait_for
+from tests.camera.conftest import agent_and_folder, folder_camera_config, read_events, save_image, wait_for
 from tests.conftest import HEIGHT, make_image
 
 MB = 1 << 20
@@ -40,10 +40,7 @@ def drop(folder: Path, first: int, count: int) -> None:
 def test_full_disk_keeps_the_reserve_counts_failed_writes_and_shuts_down_cleanly(
     tmp_path: Path, agent_process, camera_daemon, models_dir: Path, small_disk: Path
 ) -> None:
-    agent = agent_process()
-    agent.wait_ready()
-    folder = tmp_path / "incoming"
-    folder.mkdir()
+    agent, folder = agent_and_folder(agent_process, tmp_path)
     on_disk = small_disk / "events.jsonl"
     elsewhere = tmp_path / "events.jsonl"
     config = folder_camera_config(

@@ -13,7 +13,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from tests.camera.conftest import folder_camera_config, wait_for
+from tests.camera.conftest import agent_and_folder, folder_camera_config, wait_for
 from tests.camera.eventstream_server import IpcServer
 from tests.conftest import HEIGHT, make_image, short_tmpdir
 
@@ -27,10 +27,7 @@ def test_events_reach_local_pubsub_and_iot_core_through_real_ipc_client(
     server = IpcServer(socket_dir / "ipc.sock", TOKEN)
     monkeypatch.setenv("AWS_GG_NUCLEUS_DOMAIN_SOCKET_FILEPATH_FOR_COMPONENT", str(server.path))
     monkeypatch.setenv("SVCUID", TOKEN)
-    agent = agent_process()
-    agent.wait_ready()
-    folder = tmp_path / "incoming"
-    folder.mkdir()
+    agent, folder = agent_and_folder(agent_process, tmp_path)
     for index in range(4):
         Image.fromarray(np.asarray(make_image(red=HEIGHT if index == 2 else 0))).save(folder / f"{index}.png")
     try:

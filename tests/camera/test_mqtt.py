@@ -18,7 +18,7 @@ import paho.mqtt.client as mqtt
 import pytest
 from PIL import Image
 
-from tests.camera.conftest import folder_camera_config, free_port, wait_for
+from tests.camera.conftest import agent_and_folder, folder_camera_config, free_port, wait_for
 from tests.conftest import HEIGHT, make_image
 
 MOSQUITTO = "/usr/sbin/mosquitto"
@@ -108,10 +108,7 @@ def drop_images(folder: Path, first: int, count: int) -> None:
 def test_events_survive_a_broker_outage_once_each_in_order(
     tmp_path: Path, agent_process, camera_daemon, models_dir: Path
 ) -> None:
-    agent = agent_process()
-    agent.wait_ready()
-    folder = tmp_path / "incoming"
-    folder.mkdir()
+    agent, folder = agent_and_folder(agent_process, tmp_path)
     with broker_and_subscriber(tmp_path / "broker") as (broker, subscriber, sink_settings):
         daemon = camera_daemon(folder_camera_config(agent.address, "bench", folder, [sink_settings]))
         drop_images(folder, 0, 10)
@@ -181,10 +178,7 @@ def test_events_over_tls(tmp_path: Path, agent_process, camera_daemon, certifica
             f"certfile {certificates / 'server.pem'}\nkeyfile {certificates / 'server.key'}\n"
         )
     broker.start()
-    agent = agent_process()
-    agent.wait_ready()
-    folder = tmp_path / "incoming"
-    folder.mkdir()
+    agent, folder = agent_and_folder(agent_process, tmp_path)
     subscriber = None
     try:
         wait_for(lambda: _connectable(tls_port), 10, "mosquitto to listen with TLS")

@@ -12,7 +12,7 @@ import pytest
 
 from lookout_edge.client.camera.sinks import SpooledSink, Transport
 from lookout_edge.client.camera.spool import Spool
-from tests.camera.conftest import folder_camera_config, save_image, wait_for
+from tests.camera.conftest import agent_and_folder, folder_camera_config, save_image, wait_for
 from tests.camera.test_mqtt import MOSQUITTO, broker_and_subscriber
 from tests.conftest import make_image
 
@@ -67,10 +67,7 @@ def test_stray_and_corrupt_spool_files_neither_disable_nor_block_the_sink(
     (spool / "0000000000000002.event").write_text(json.dumps(pending))
     (spool / "abc.event").write_bytes(b"not a spooled event")
     (spool / "7.event").write_text(json.dumps(pending))  # a number, but not a name the spool writes
-    agent = agent_process()
-    agent.wait_ready()
-    folder = tmp_path / "incoming"
-    folder.mkdir()
+    agent, folder = agent_and_folder(agent_process, tmp_path)
     with broker_and_subscriber(tmp_path / "broker") as (broker, subscriber, sink_settings):
         daemon = camera_daemon(folder_camera_config(agent.address, "bench", folder, [sink_settings]))
         for index in range(3):
