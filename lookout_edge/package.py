@@ -12,11 +12,12 @@ import json
 import os
 import re
 import shutil
-import stat
 import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
+
+from lookout_edge.files import NotRegularFile, open_regular
 
 __all__ = [
     "MANIFEST_NAME",
@@ -313,7 +314,11 @@ def _read_manifest(manifest: Path) -> bytes:
     """The manifest's bytes, read without ever blocking: a FIFO or a device in its place would
     otherwise hang the reader (and with it the agent's rescan), and a huge file fill memory."""
     try:
-        fd = os.open(manifest, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC)
+        fd, info = open_regular(manifest)
+    except NotRegularFile:
+        raise PackageError(
+            f"{manifest} is not a regular file; replace it with the package's manifest"
+        ) from None
     except FileNotFoundError:
         raise PackageError(
             f"{manifest} is missing: not a model package, or it is still being copied"
@@ -321,9 +326,6 @@ def _read_manifest(manifest: Path) -> bytes:
     except OSError as exc:
         raise PackageError(f"{manifest} cannot be read: {exc.strerror}") from None
     try:
-        info = os.fstat(fd)
-        if not stat.S_ISREG(info.st_mode):
-            raise PackageError(f"{manifest} is not a regular file; replace it with the package's manifest")
         if info.st_size > MAX_MANIFEST_BYTES:
             raise PackageError(
                 f"{manifest} is {info.st_size} bytes; a manifest is at most {MAX_MANIFEST_BYTES} bytes"

@@ -27,6 +27,8 @@ from pathlib import Path
 
 import numpy as np
 
+from lookout_edge.files import NotRegularFile, open_regular
+
 __all__ = [
     "SHM_DIR",
     "OwnedSegment",
@@ -84,10 +86,15 @@ class Region:
         """Open and check a region; SegmentError says what is wrong and what to do. `access`
         says whose segments the agent may use on its callers' behalf; None: any it can open."""
         bare = normalize_name(name)
-        flags = (os.O_RDWR if writable else os.O_RDONLY) | os.O_CLOEXEC | os.O_NOFOLLOW | os.O_NONBLOCK
+        flags = (os.O_RDWR if writable else os.O_RDONLY) | os.O_NOFOLLOW
         wanted = "write" if writable else "read"
         try:
-            fd = os.open(SHM_DIR / bare, flags)
+            fd, info = open_regular(SHM_DIR / bare, flags)
+        except NotRegularFile:
+            raise SegmentError(
+                f"'/{bare}' is not a shared memory segment (a FIFO, directory or device has that name); "
+                "create the segment with shm_open"
+            ) from None
         except FileNotFoundError:
             raise SegmentError(
                 f"shared memory segment '/{bare}' does not exist; create it with shm_open before the call"
@@ -104,12 +111,6 @@ class Region:
                 ) from None
             raise SegmentError(f"cannot open shared memory segment '/{bare}': {exc.strerror}") from None
         try:
-            info = os.fstat(fd)
-            if not stat.S_ISREG(info.st_mode):
-                raise SegmentError(
-                    f"'/{bare}' is not a shared memory segment (a FIFO, directory or device has that name); "
-                    "create the segment with shm_open"
-                )
             if access is not None:
                 access.check(bare, info, writable)
             if offset + size > info.st_size:

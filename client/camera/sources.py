@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import logging
 import os
-import stat
 import threading
 import time
 from collections.abc import Iterator
@@ -22,6 +21,8 @@ from typing import Any
 import av
 import numpy as np
 from PIL import Image
+
+from lookout_edge.files import open_regular
 
 from .config import CameraConfig, Crop
 from .processed import FileKey, ProcessedFiles
@@ -314,12 +315,9 @@ def read_image(path: Path, max_pixels: int) -> np.ndarray:
     """The RGB pixels of an image file; FrameError, before anything is decoded, for what is not
     a regular file (a FIFO would block) or has more than `max_pixels` pixels in its header."""
     try:
-        fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC)
-    except OSError as exc:
+        fd, _ = open_regular(path)
+    except OSError as exc:  # NotRegularFile included: "not a regular file"
         raise FrameError(f"{path}: {exc.strerror}") from None
-    if not stat.S_ISREG(os.fstat(fd).st_mode):
-        os.close(fd)
-        raise FrameError(f"{path}: not a regular file")
     with os.fdopen(fd, "rb") as file:
         try:
             with Image.open(file) as image:
