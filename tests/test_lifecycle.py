@@ -65,10 +65,17 @@ def test_states_and_transitions(agent: RunningAgent) -> None:
 
 
 def test_stop_lets_in_flight_calls_finish(agent_factory, models_dir: Path) -> None:  # type: ignore[no-untyped-def]
-    # A 4096x4096 image keeps the sample model busy long enough to stop it mid-call.
     write_sample_package(models_dir / "big", "big", 4096, 4096)
     agent = agent_factory()
     agent.start("big")
+    slot = agent.server.registry._slot("big")
+    # The model holds its calls until the test lets them go, so that both are in flight at once
+    # whatever the machine's speed (a fast run used to finish before the second was admitted).
+    gate = threading.Event()
+    model = slot.model
+    assert model is not None
+    run = model.run
+    model.run = lambda image: gate.wait(60) and run(image)  # type: ignore[method-assign]
     image = np.zeros((4096, 4096, 3), dtype=np.uint8).tobytes()
     request = pb2.DetectAnomaliesRequest(
         model_component="big", bitmap=pb2.Bitmap(width=4096, height=4096, byte_data=image)
@@ -81,14 +88,22 @@ def test_stop_lets_in_flight_calls_finish(agent_factory, models_dir: Path) -> No
     for call in calls:
         call.start()
     deadline = time.monotonic() + 30
-    slot = agent.server.registry._slot("big")
     while slot.in_flight < 2 and time.monotonic() < deadline:
         time.sleep(0.001)
     assert slot.in_flight == 2
     # Inference is in flight: ListModels and DescribeModel still answer.
     assert listed(agent)["big"].status == pb2.RUNNING
-    stopped = agent.stub.StopModel(pb2.StopModelRequest(model_component="big"))
-    assert stopped.status == pb2.STOPPED
+    stopped: list[pb2.StopModelResponse] = []
+    stopping = threading.Thread(
+        target=lambda: stopped.append(agent.stub.StopModel(pb2.StopModelRequest(model_component="big")))
+    )
+    stopping.start()
+    while listed(agent)["big"].status != pb2.STOPPING and time.monotonic() < deadline:
+        time.sleep(0.01)
+    assert listed(agent)["big"].status == pb2.STOPPING and slot.in_flight == 2  # StopModel waits
+    gate.set()
+    stopping.join()
+    assert stopped[0].status == pb2.STOPPED
     assert slot.in_flight == 0
     for call in calls:
         call.join()
