@@ -13,6 +13,7 @@ import numpy as np
 from PIL import Image
 
 from lookout_edge import DEFAULT_SOCKET
+from lookout_edge.images import to_rgb888
 from lookout_edge.protocol import GRPC_MESSAGE_OPTIONS, pb2, pb2_grpc
 from lookout_edge.shm import OwnedSegment
 
@@ -56,18 +57,17 @@ class Detection:
 
 
 def as_rgb_array(image: ImageInput) -> np.ndarray:
-    """An [H, W, 3] uint8 RGB array from an array, a PIL image or an image file path."""
+    """An [H, W, 3] uint8 RGB array from an array, a PIL image or an image file path.
+
+    Gray images and arrays (8-bit, 16-bit) are replicated to RGB by the rule of
+    `lookout_edge.images`, the one the trainer reads its images with.
+    """
     if isinstance(image, (str, Path)):
         with Image.open(image) as opened:
-            return np.asarray(opened.convert("RGB"))
+            return to_rgb888(opened)
     if isinstance(image, Image.Image):
-        return np.asarray(image.convert("RGB"))
-    array = np.asarray(image)
-    if array.dtype != np.uint8 or array.ndim != 3 or array.shape[2] != 3:
-        raise ValueError(
-            f"expected an [H, W, 3] uint8 RGB array, got shape {array.shape} and dtype {array.dtype}"
-        )
-    return np.ascontiguousarray(array)
+        return to_rgb888(image)
+    return to_rgb888(np.asarray(image))
 
 
 def _state(description: Any) -> ModelState:

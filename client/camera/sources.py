@@ -1,10 +1,11 @@
 """Frame sources: live streams (latest frame wins), video files and watched folders (every frame).
 
 Decoding is FFmpeg through PyAV, asked for `rgb24` directly, so frames are RGB888 as the
-agent expects (OpenCV's BGR order never appears). Open and read timeouts are explicit: a
-stalled stream raises within `read_timeout` and is reopened with exponential back-off. A
-frame that does not decode is skipped; only a stream that decodes nothing for `read_timeout`
-is reopened.
+agent expects (OpenCV's BGR order never appears); frames of monochrome cameras (gray pixel
+formats) and gray image files go through lookout_edge.images, the trainer's rule. Open and
+read timeouts are explicit: a stalled stream raises within `read_timeout` and is reopened
+with exponential back-off. A frame that does not decode is skipped; only a stream that
+decodes nothing for `read_timeout` is reopened.
 """
 
 from __future__ import annotations
@@ -23,6 +24,7 @@ import numpy as np
 from PIL import Image
 
 from lookout_edge.files import open_regular
+from lookout_edge.images import gray_to_rgb888, gray_to_uint8, to_rgb888
 
 from .config import CameraConfig, Crop
 from .processed import FileKey, ProcessedFiles
@@ -31,6 +33,12 @@ from .status import CameraStats
 log = logging.getLogger(__name__)
 
 IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff", ".webp"}
+# FFmpeg's gray pixel formats and their significant bits (V4L2 GREY is gray, Y10 gray10le,
+# Y12 gray12le, Y16 gray16le; the PNG decoder gives gray16be).
+GRAY_FORMAT_BITS = {
+    "gray": 8,
+    **{f"gray{bits}{order}": bits for bits in (9, 10, 12, 14, 16) for order in ("le", "be")},
+}
 
 
 class FrameError(Exception):
@@ -51,11 +59,26 @@ class Frame:
 
 
 def to_model_input(raw: Any, crop: Crop | None, size: tuple[int, int] | None) -> np.ndarray:
-    """Crop, then resize to `size` (width, height): the RGB888 bitmap the model was trained on."""
-    if isinstance(raw, av.VideoFrame) and crop is None:
-        width, height = size if size is not None else (raw.width, raw.height)
-        return raw.reformat(width=width, height=height, format="rgb24").to_ndarray()
-    pixels = raw.to_ndarray(format="rgb24") if isinstance(raw, av.VideoFrame) else raw
+    """Crop, then resize to `size` (width, height): the RGB888 bitmap the model was trained on.
+
+    Frames in a gray pixel format are brought to 8 bits by the rule of lookout_edge.images (the
+    trainer's), not by FFmpeg's scaler, which rounds 16-bit values differently; they are cropped
+    and resized while gray (a third of the work) and replicated to RGB last.
+    """
+    if isinstance(raw, av.VideoFrame):
+        gray_bits = GRAY_FORMAT_BITS.get(raw.format.name)
+        if gray_bits is not None:
+            gray = gray_to_uint8(raw.to_ndarray(), gray_bits)
+            return gray_to_rgb888(_crop_and_resize(gray, crop, size))
+        if crop is None:
+            width, height = size if size is not None else (raw.width, raw.height)
+            return raw.reformat(width=width, height=height, format="rgb24").to_ndarray()
+        raw = raw.to_ndarray(format="rgb24")
+    return np.ascontiguousarray(_crop_and_resize(raw, crop, size))
+
+
+def _crop_and_resize(pixels: np.ndarray, crop: Crop | None, size: tuple[int, int] | None) -> np.ndarray:
+    """[H, W] gray or [H, W, 3] RGB uint8 pixels, cropped then resized to `size` (width, height)."""
     if crop is not None:
         if crop.x + crop.width > pixels.shape[1] or crop.y + crop.height > pixels.shape[0]:
             raise ValueError(
@@ -65,7 +88,7 @@ def to_model_input(raw: Any, crop: Crop | None, size: tuple[int, int] | None) ->
         pixels = pixels[crop.y : crop.y + crop.height, crop.x : crop.x + crop.width]
     if size is not None and (pixels.shape[1], pixels.shape[0]) != size:
         pixels = np.asarray(Image.fromarray(pixels).resize(size, Image.Resampling.BILINEAR))
-    return np.ascontiguousarray(pixels)
+    return pixels
 
 
 def _open(camera: CameraConfig) -> Any:
@@ -325,7 +348,7 @@ def read_image(path: Path, max_pixels: int) -> np.ndarray:
                     raise FrameError(
                         f"{path}: {image.width}x{image.height} is more than max_pixels {max_pixels}"
                     )
-                return np.asarray(image.convert("RGB"))
+                return to_rgb888(image)
         except Image.DecompressionBombError as exc:
             raise FrameError(f"{path}: more than max_pixels {max_pixels} ({exc})") from None
         except (OSError, ValueError) as exc:
