@@ -51,6 +51,7 @@ bench: setup
 	$(PY) bench/bench_agent.py $(BENCH_ARGS)
 	$(PY) bench/bench_trainer.py
 	$(PY) bench/bench_camera.py
+	$(PY) bench/bench_factory_io.py
 	$(PY) bench/bench_soak.py
 	$(PY) bench/bench_quality.py $(QUALITY_ARGS)
 

@@ -9,13 +9,16 @@ import ipaddress
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import yaml
 from PIL import Image
 
 from lookout_edge import DEFAULT_SOCKET
 from lookout_edge.package import find_package
+
+if TYPE_CHECKING:  # factory_io.settings imports this module's helpers; it is imported where used
+    from .factory_io.settings import OutputConfig, TriggerConfig
 
 SINK_TYPES = ("jsonl", "mqtt", "greengrass")
 _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
@@ -79,6 +82,7 @@ class CameraConfig:
     )
     options: dict[str, str] = field(default_factory=dict)  # demuxer options passed to FFmpeg
     capture: CaptureConfig | None = None
+    trigger: TriggerConfig | None = None  # inspect on a PLC's trigger (docs/factory-io.md)
 
     @property
     def kind(self) -> str:
@@ -134,6 +138,7 @@ class DaemonConfig:
     agent_timeout: float = 10.0
     start_models: bool = True
     dashboard: DashboardConfig | None = None
+    outputs: list[OutputConfig] = field(default_factory=list)  # OPC UA, Modbus, GPIO (docs/factory-io.md)
 
 
 def _mapping(value: Any, key: str) -> dict[str, Any]:
@@ -216,6 +221,12 @@ def _camera(raw: Any, index: int, models_dir: Path | None) -> CameraConfig:
         raise ConfigError(f"{where}.max_pixels: from 1 to {MAX_PIXELS_CEILING}, got {max_pixels}")
     capture_raw = _take(data, "capture", where, dict, None)
     capture = _capture(capture_raw, f"{where}.capture") if capture_raw is not None else None
+    trigger_raw = _take(data, "trigger", where, dict, None)
+    trigger = None
+    if trigger_raw is not None:
+        from .factory_io.settings import parse_trigger
+
+        trigger = parse_trigger(trigger_raw, f"{where}.trigger")
     _no_extra(data, where)
     camera = CameraConfig(
         name,
@@ -229,6 +240,7 @@ def _camera(raw: Any, index: int, models_dir: Path | None) -> CameraConfig:
         options=dict(options),
         max_pixels=max_pixels,
         capture=capture,
+        trigger=trigger,
         **timings,
     )
     if camera.kind == "file" and not Path(source).is_file():
@@ -431,6 +443,10 @@ def parse_config(raw: Any) -> DaemonConfig:
     _no_extra(status, "status")
     dashboard_raw = data.pop("dashboard", None)
     dashboard = _dashboard(dashboard_raw) if dashboard_raw is not None else None
+    from .factory_io.settings import check_triggers, parse_outputs
+
+    outputs = parse_outputs(data.pop("outputs", None), names)
+    check_triggers([(c.name, c.trigger) for c in cameras], outputs)
     _no_extra(data, "configuration")
     return DaemonConfig(
         agent_socket=socket,
@@ -445,6 +461,7 @@ def parse_config(raw: Any) -> DaemonConfig:
         agent_timeout=float(agent_timeout),
         start_models=start_models,
         dashboard=dashboard,
+        outputs=outputs,
     )
 
 

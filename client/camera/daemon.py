@@ -25,6 +25,8 @@ from .dashboard.feed import CameraFeed, Feed
 from .dashboard.metrics import Metrics
 from .dashboard.review import ReviewStore
 from .dashboard.server import Dashboard
+from .factory_io.handshake import ErrorCode, Handshake, Inspection
+from .factory_io.triggers import FactoryIO, failure, grab_frame
 from .images import ImageStore
 from .sinks import Sink, build_sink
 from .sources import Frame, FrameError, FrameSource, open_source, to_model_input
@@ -62,13 +64,19 @@ def remove_stale_segments() -> list[str]:
 
 
 def make_event(
-    camera: CameraConfig, frame: Frame, detection: Detection, detect_ms: float, image: Path | None
+    camera: CameraConfig,
+    frame: Frame,
+    detection: Detection,
+    detect_ms: float,
+    image: Path | None,
+    model: str | None = None,
 ) -> dict[str, Any]:
+    """The event of one inference; `model` when the PLC selected another than the camera's."""
     now = time.monotonic()
     return {
         "event_id": uuid.uuid4().hex,
         "camera": camera.name,
-        "model": camera.model,
+        "model": model or camera.model,
         "time": datetime.datetime.fromtimestamp(frame.captured, datetime.timezone.utc).isoformat(
             timespec="milliseconds"
         ),
@@ -113,6 +121,8 @@ class CameraWorker:
         # Set by the daemon when the dashboard is on.
         self.feed: CameraFeed | None = None
         self.metrics: Metrics | None = None
+        # Set by the daemon when there are outputs or triggers (docs/factory-io.md).
+        self.handshake: Handshake | None = None
         self._size = (camera.width, camera.height) if camera.width and camera.height else None
         self._agent_delay = AGENT_RETRY_INITIAL_S
         self._model_ready = not config.start_models
@@ -134,7 +144,10 @@ class CameraWorker:
             source = open_source(self.camera, self.stats, self._config.state_dir)
             if self.camera.kind != "live":
                 self.stats.set_connected(True)
-            self._loop(client, source)
+            if self.handshake is not None and self.handshake.trigger_type is not None:
+                self._serve_triggers(client, source, self.handshake)
+            else:
+                self._loop(client, source)
         except Exception:  # the source cannot be opened; the other cameras carry on
             log.exception("camera %s stopped", self.camera.name)
             self.stats.error("worker stopped, see the log")
@@ -189,13 +202,59 @@ class CameraWorker:
         self._stop.wait(self._agent_delay)
         self._agent_delay = min(self._agent_delay * 2, AGENT_RETRY_MAX_S)
 
+    def _serve_triggers(self, client: EdgeAgentClient, source: FrameSource, handshake: Handshake) -> None:
+        """A triggered camera: one inspection per accepted trigger, each ending in a result or an
+        error for the PLC. Ready only once the camera's model runs (with agent.start_models); the
+        other models of the ConfigIndex table are started once, and one that is not running fails
+        its inspections with MODEL_NOT_RUNNING (and is asked to start again)."""
+        while not self._model_ready and not self._stop.is_set():
+            self._start_model(client)
+        if self._config.start_models and not self._stop.is_set():
+            for model in dict.fromkeys(handshake.models[1:]):
+                try:
+                    client.start_and_wait(model, timeout=60.0)
+                except Exception as exc:
+                    self.stats.error(f"model {model}: {exc}")
+                    log.warning("camera %s: model %s not running: %s", self.camera.name, model, exc)
+        handshake.set_serving(True)
+        try:
+            while not self._stop.is_set():
+                inspection = handshake.next_inspection(timeout=0.5)
+                if inspection is not None:
+                    self._inspect(client, source, handshake, inspection)
+        finally:
+            handshake.set_serving(False)
+
+    def _inspect(
+        self, client: EdgeAgentClient, source: FrameSource, handshake: Handshake, inspection: Inspection
+    ) -> None:
+        try:
+            frame = grab_frame(source, self.camera.kind == "live", inspection, self._stop)
+            pixels, detection, detect_ms = self._detect(client, frame, inspection.model)
+        except Exception as exc:  # the PLC gets Error with its code; the camera takes the next trigger
+            code, message = failure(exc)
+            self.stats.error(message)
+            if code == ErrorCode.INTERNAL:
+                log.error("camera %s: an inspection failed", self.camera.name, exc_info=exc)
+            handshake.fail(inspection, code, message)  # logs the code and the message
+            if code == ErrorCode.MODEL_NOT_RUNNING and self._config.start_models:
+                with contextlib.suppress(EdgeAgentError):  # for the next trigger; not waited for
+                    client.start_model(inspection.model)
+            return
+        event = self._publish(frame, pixels, detection, detect_ms, inspection.model)
+        handshake.complete(inspection, event)
+
+    def _detect(self, client: EdgeAgentClient, frame: Frame, model: str) -> tuple[Any, Detection, float]:
+        """The model's input, its detection and the DetectAnomalies time in ms; raises."""
+        pixels = to_model_input(frame.raw, self.camera.crop, self._size)
+        started = time.monotonic()
+        detection = client.detect(pixels, model, shared_memory=True)
+        return pixels, detection, (time.monotonic() - started) * 1000
+
     def _infer(self, client: EdgeAgentClient, frame: Frame) -> None:
         camera = self.camera
         try:
-            pixels = to_model_input(frame.raw, camera.crop, self._size)
-            started = time.monotonic()
-            detection = client.detect(pixels, camera.model, shared_memory=True)
-            detect_ms = (time.monotonic() - started) * 1000
+            pixels, detection, detect_ms = self._detect(client, frame, camera.model)
         except EdgeAgentError as exc:
             self.stats.error(str(exc))
             log.warning("camera %s: DetectAnomalies failed: %s", camera.name, exc)
@@ -208,9 +267,12 @@ class CameraWorker:
             self.stats.error(str(exc))
             return
         self._agent_delay = AGENT_RETRY_INITIAL_S
-        self._publish(frame, pixels, detection, detect_ms)
+        self._publish(frame, pixels, detection, detect_ms, camera.model)
 
-    def _publish(self, frame: Frame, pixels: Any, detection: Detection, detect_ms: float) -> None:
+    def _publish(
+        self, frame: Frame, pixels: Any, detection: Detection, detect_ms: float, model: str
+    ) -> dict[str, Any]:
+        """The event, to the sinks first, then to the PLC outputs, the capture and the dashboard."""
         image = None
         if detection.is_anomalous and self._images is not None:
             try:
@@ -222,7 +284,7 @@ class CameraWorker:
             else:
                 if image is None:
                     self.stats.add(images_skipped=1)
-        event = make_event(self.camera, frame, detection, detect_ms, image)
+        event = make_event(self.camera, frame, detection, detect_ms, image, model)
         latency_ms = event["latency_ms"]["capture_to_result"]
         self.stats.inference(latency_ms, detection.is_anomalous)
         for sink in self._sinks:
@@ -231,13 +293,16 @@ class CameraWorker:
             except Exception:  # one broken sink must not stop the camera or the others
                 log.exception("sink %s failed", sink.name)
         try:  # after the sinks: whatever happens here, the event is out
+            if self.handshake is not None:
+                self.handshake.record(event)
             if self._capture is not None:
                 self._capture.offer(event, pixels)
             if self.feed is not None and self.metrics is not None:
                 self.feed.record(event, pixels, detection.mask)
                 self.metrics.observe_latency(self.camera.name, latency_ms)
         except Exception:
-            log.exception("camera %s: the capture or the dashboard failed on a frame", self.camera.name)
+            log.exception("camera %s: the outputs, capture or dashboard failed on a frame", self.camera.name)
+        return event
 
     def stop(self) -> None:
         self._stop.set()
@@ -266,6 +331,11 @@ class CameraDaemon:
         self.workers = [
             CameraWorker(camera, config, self.sinks, images, self.capture) for camera in config.cameras
         ]
+        self.factory_io = None
+        if config.outputs or any(camera.trigger is not None for camera in config.cameras):
+            self.factory_io = FactoryIO(config)
+            for worker in self.workers:
+                worker.handshake = self.factory_io.handshakes[worker.camera.name]
         self.reporter = StatusReporter(
             config.status_file,
             config.status_interval,
@@ -297,6 +367,8 @@ class CameraDaemon:
             self.capture.start()
         for worker in self.workers:
             worker.start()
+        if self.factory_io is not None:  # its servers start while the cameras start their models
+            self.factory_io.start()
         self.reporter.start()
         if self.dashboard is not None:
             self.dashboard.start()
@@ -314,6 +386,8 @@ class CameraDaemon:
         for worker in self.workers:
             if not worker.join(max(0.0, deadline - time.monotonic())):
                 log.error("camera %s did not stop in time; leaving it", worker.camera.name)
+        if self.factory_io is not None:  # after the cameras: their last results reach the PLC
+            self.factory_io.stop()
         for sink in self.sinks:
             try:
                 sink.close()
