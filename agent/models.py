@@ -30,6 +30,7 @@ from .backends.base import Backend, GpuOutOfMemory
 from .backends.selector import BackendSelector, Plan
 from .errors import FailedPrecondition, ModelNotFound, ResourceExhausted, shown
 from .malloc import release_free_memory
+from .selfcheck import run_self_check, tolerance_for
 
 log = logging.getLogger(__name__)
 # Seconds a call waits for another thread's scan of the models directory (ModelRegistry.refresh).
@@ -330,7 +331,7 @@ class ModelRegistry:
             package.verify_files()
             selection = self.backends.load(package, planned.plan)
             model = selection.backend
-            _warm_up(model, package)
+            _warm_up(model, package, self.backends.precision)
         except MemoryError:
             self._fail(slot, "not enough memory to load the model; stop another model or free memory")
         except GpuOutOfMemory as exc:
@@ -419,9 +420,14 @@ class _Planned:
     plan: Plan
 
 
-def _warm_up(model: Backend, package: ModelPackage) -> None:
-    """One inference on a black image; a model that fails it is closed, not left to the GC."""
+def _warm_up(model: Backend, package: ModelPackage, precision: str) -> None:
+    """The package's self-check (agent/selfcheck.py) if it has one, else one inference on a black
+    image; a model that fails it is closed, not left to the GC."""
     try:
+        if package.self_check is not None:
+            run_self_check(model, package, tolerance_for(model.name, precision))
+            log.info("model %s passed its self-check on %s", package.component_name, model.name)
+            return
         warm_up = model.run(np.zeros((package.height, package.width, 3), dtype=np.uint8))
         if not math.isfinite(warm_up.anomaly_score):
             raise PackageError(f"{package.model_file.path}: the graph returns a non-finite anomaly score")

@@ -13,6 +13,7 @@ import os
 import re
 import shutil
 import tempfile
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -24,6 +25,8 @@ __all__ = [
     "AnomalyLabel",
     "ModelPackage",
     "PackageError",
+    "SelfCheck",
+    "SelfCheckReference",
     "find_package",
     "package_dirs",
     "read_package",
@@ -38,8 +41,12 @@ MAX_SIDE = 4096
 BACKGROUND_NAME = "background"
 BACKGROUND_COLOR = "#FFFFFF"
 _HEX_COLOR = re.compile(r"^#[0-9A-Fa-f]{6}$")
+_LABEL_VALUE = re.compile(r"[0-9]{1,3}")
 # Entries of a models directory whose names start with this are packages being written.
 STAGING_PREFIX = "."
+# The optional manifest key of the self-check (docs/model-package.md, "Self-check").
+SELF_CHECK_KEY = "self_check"
+MAX_SELF_CHECK_REFERENCES = 8
 # A manifest is a few KiB; anything much larger is not one, and is not read into memory.
 MAX_MANIFEST_BYTES = 1 << 20
 
@@ -67,6 +74,27 @@ class PackageFile:
 
 
 @dataclass(frozen=True)
+class SelfCheckReference:
+    """One reference input of the self-check and the outputs the trainer measured on it."""
+
+    file: PackageFile  # a PNG, RGB, at the package's image size
+    image: str  # the training image it was taken from, for messages
+    anomaly_score: float
+    anomalous: bool  # the verdict at the self-check's threshold
+    # Segmentation: label value (1 = the first label) -> fraction of the label map's pixels with it.
+    label_fractions: dict[int, float] | None
+
+
+@dataclass(frozen=True)
+class SelfCheck:
+    """The manifest's `self_check`: reference inputs the agent runs before serving the model."""
+
+    threshold: float  # the threshold the recorded verdicts were taken at
+    measured_with: str  # the runtime that measured them, e.g. "onnxruntime 1.32.0 CPU"
+    references: tuple[SelfCheckReference, ...]
+
+
+@dataclass(frozen=True)
 class ModelPackage:
     """What the agent needs to know about one model package."""
 
@@ -81,6 +109,7 @@ class ModelPackage:
     model_file: PackageFile
     files: tuple[PackageFile, ...]
     target: dict[str, Any] = field(default_factory=dict)
+    self_check: SelfCheck | None = None  # None: an older package, started without a self-check
 
     @property
     def is_segmentation(self) -> bool:
@@ -204,6 +233,11 @@ def read_package(directory: Path) -> ModelPackage:
     target = data.get("target", {})
     if not isinstance(target, dict):
         raise PackageError(f"{manifest}: 'target' must be an object")
+    self_check = None
+    if SELF_CHECK_KEY in data:
+        self_check = _read_self_check(
+            data[SELF_CHECK_KEY], files, directory, len(labels), model_type, manifest
+        )
     return ModelPackage(
         directory=directory,
         component_name=name,
@@ -216,7 +250,89 @@ def read_package(directory: Path) -> ModelPackage:
         model_file=model_file,
         files=files,
         target=target,
+        self_check=self_check,
     )
+
+
+def _read_self_check(
+    value: Any,
+    files: tuple[PackageFile, ...],
+    directory: Path,
+    label_count: int,
+    model_type: str,
+    manifest: Path,
+) -> SelfCheck:
+    """The `self_check` key, checked; PackageError naming the key for anything malformed."""
+    key = SELF_CHECK_KEY
+
+    def bad(where: str, what: str) -> PackageError:
+        return PackageError(f"{manifest}: '{where}' {what}; retrain or repackage the model")
+
+    if not isinstance(value, dict):
+        raise bad(key, "must be an object with 'threshold', 'measured_with' and 'references'")
+    threshold = _unit_number(value.get("threshold"))
+    if threshold is None:
+        raise bad(f"{key}.threshold", "must be a number in 0..1")
+    measured_with = value.get("measured_with")
+    if not isinstance(measured_with, str):
+        raise bad(f"{key}.measured_with", "must be a string")
+    references = value.get("references")
+    if not isinstance(references, list) or not 1 <= len(references) <= MAX_SELF_CHECK_REFERENCES:
+        raise bad(f"{key}.references", f"must be a list of 1 to {MAX_SELF_CHECK_REFERENCES} references")
+    by_path = {entry.path: entry for entry in files}
+    read = []
+    for index, item in enumerate(references):
+        where = f"{key}.references[{index}]"
+        if not isinstance(item, dict):
+            raise bad(where, "must be an object")
+        name = item.get("file")
+        if not isinstance(name, str) or not name.endswith(".png"):
+            raise bad(f"{where}.file", "must name a PNG file of the package")
+        file = by_path.get((directory / name).resolve())
+        if file is None:
+            raise bad(f"{where}.file", f"names '{name}', which is not listed under 'files'")
+        image = item.get("image", "")
+        if not isinstance(image, str):
+            raise bad(f"{where}.image", "must be a string")
+        score = _unit_number(item.get("anomaly_score"))
+        if score is None:
+            raise bad(f"{where}.anomaly_score", "must be a number in 0..1")
+        anomalous = item.get("anomalous")
+        if not isinstance(anomalous, bool):
+            raise bad(f"{where}.anomalous", "must be true or false")
+        if anomalous != (score >= threshold):  # the verdict rule of lookout_edge.contract
+            raise bad(f"{where}.anomalous", f"disagrees with its anomaly_score at threshold {threshold}")
+        fractions = _read_label_fractions(item.get("label_fractions"), label_count, model_type, where, bad)
+        read.append(SelfCheckReference(file, image, score, anomalous, fractions))
+    return SelfCheck(threshold, measured_with, tuple(read))
+
+
+def _read_label_fractions(
+    value: Any, label_count: int, model_type: str, where: str, bad: Callable[[str, str], PackageError]
+) -> dict[int, float] | None:
+    where = f"{where}.label_fractions"
+    if model_type != "segmentation":
+        if value is not None:
+            raise bad(where, "is for segmentation models only")
+        return None
+    if not isinstance(value, dict):
+        raise bad(where, "must be an object from label value ('1' for the first label) to a fraction")
+    fractions = {}
+    for label, fraction in value.items():
+        if not (_LABEL_VALUE.fullmatch(label) and 1 <= int(label) <= label_count):
+            raise bad(where, f"has key {label!r}; keys are label values '1'..'{label_count}'")
+        share = _unit_number(fraction)
+        if share is None:
+            raise bad(where, f"['{label}'] must be a fraction in 0..1")
+        fractions[int(label)] = share
+    return fractions
+
+
+def _unit_number(value: Any) -> float | None:
+    """`value` as a float if it is a JSON number in 0..1, else None."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0.0 <= value <= 1.0:
+        return None  # NaN fails the range test too
+    return float(value)
 
 
 def package_dirs(models_dir: Path) -> list[Path]:
