@@ -74,6 +74,17 @@ class State:
     anomalous: int = 0
 
 
+# The last inspection's outputs, as a trigger (going Busy) and an Ack (going Ready) clear them.
+CLEARED_OUTPUTS: dict[str, Any] = {
+    "result_ready": False,
+    "result_ok": False,
+    "result_ng": False,
+    "error": False,
+    "error_code": ErrorCode.NONE,
+    "error_message": "",
+}
+
+
 @dataclass(frozen=True)
 class Inspection:
     """One accepted trigger, handed to the camera worker."""
@@ -200,16 +211,7 @@ class Handshake:
             )
             self._current = self._pending = inspection
             self.counts["triggers"] += 1
-            self._set(
-                ready=False,
-                busy=True,
-                result_ready=False,
-                result_ok=False,
-                result_ng=False,
-                error=False,
-                error_code=ErrorCode.NONE,
-                error_message="",
-            )
+            self._set(ready=False, busy=True, **CLEARED_OUTPUTS)
             self._timer = threading.Timer(self.timeout, self._timed_out, (inspection,))
             self._timer.daemon = True
             self._timer.start()
@@ -226,15 +228,7 @@ class Handshake:
 
     def _clear(self) -> None:
         """Under the lock: the outputs cleared, Ready again if the camera is serving."""
-        self._set(
-            ready=self._serving,
-            result_ready=False,
-            result_ok=False,
-            result_ng=False,
-            error=False,
-            error_code=ErrorCode.NONE,
-            error_message="",
-        )
+        self._set(ready=self._serving, **CLEARED_OUTPUTS)
 
     def set_level(self, name: str, level: bool, source: str) -> None:
         """The PLC wrote `Trigger` or `Ack`: a rising edge (False to True) is the request.

@@ -20,9 +20,7 @@ is not triggered over Modbus; a refused write is not stored.
 
 from __future__ import annotations
 
-import asyncio
 import logging
-import threading
 
 from pymodbus.constants import ExcCodes
 from pymodbus.server import ModbusTcpServer
@@ -30,6 +28,7 @@ from pymodbus.simulator import DataType, SimData, SimDevice
 from pymodbus.simulator.simutils import SimUtils
 
 from .handshake import Handshake, Refused, State
+from .serving import AsyncServerThread
 from .settings import MODBUS_BLOCK, ModbusOutput
 
 log = logging.getLogger(__name__)
@@ -84,47 +83,17 @@ def input_registers(state: State) -> list[int]:
     return registers
 
 
-class ModbusServer:
+class ModbusServer(AsyncServerThread):
     """`cameras` maps a camera's number (its place in `cameras`) to its handshake."""
 
     def __init__(self, config: ModbusOutput, cameras: dict[int, Handshake]) -> None:
+        address = f"{config.host}:{config.port}"
+        super().__init__(f"modbus:{address}", address, "factory-io-modbus", START_TIMEOUT_S)
         self.config = config
-        self.name = f"modbus:{config.host}:{config.port}"
         self._cameras = cameras
         self._size = (max(cameras, default=0) + 1) * MODBUS_BLOCK
-        self._thread: threading.Thread | None = None
-        self._loop: asyncio.AbstractEventLoop | None = None
-        self._stopping: asyncio.Event | None = None
-        self._started = threading.Event()
-        self._failure: BaseException | None = None
 
-    def start(self) -> None:
-        self._thread = threading.Thread(target=self._run, name="factory-io-modbus", daemon=True)
-        self._thread.start()
-        if not self._started.wait(START_TIMEOUT_S):
-            raise TimeoutError(f"{self.name}: not serving after {START_TIMEOUT_S:g} s")
-        if self._failure is not None:
-            raise OSError(f"cannot serve {self.config.host}:{self.config.port}: {self._failure}")
-
-    def _run(self) -> None:
-        try:
-            asyncio.run(self._main())
-        except BaseException as exc:
-            if not self._started.is_set():
-                self._failure = exc
-                self._started.set()
-            else:
-                log.exception("%s stopped", self.name)
-
-    def stop(self) -> None:
-        if self._loop is not None and self._stopping is not None and self._loop.is_running():
-            self._loop.call_soon_threadsafe(self._stopping.set)
-        if self._thread is not None:
-            self._thread.join(10.0)
-
-    async def _main(self) -> None:
-        self._loop = asyncio.get_running_loop()
-        self._stopping = asyncio.Event()
+    async def _serve(self) -> None:
         bits = [SimData(0, count=self._size, values=False, datatype=DataType.BITS)]
         registers = [SimData(0, count=self._size, values=0, datatype=DataType.REGISTERS)]
         device = SimDevice(
@@ -135,8 +104,7 @@ class ModbusServer:
         server = ModbusTcpServer(device, address=(self.config.host, self.config.port))
         await server.serve_forever(background=True)
         try:
-            self._started.set()
-            await self._stopping.wait()
+            await self._serving()
         finally:
             await server.shutdown()
 

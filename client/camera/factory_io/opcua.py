@@ -22,7 +22,6 @@ import contextlib
 import datetime
 import functools
 import logging
-import threading
 from typing import Any, cast
 
 from asyncua import Server, ua
@@ -34,6 +33,7 @@ from asyncua.server.user_managers import CertificateUserManager
 from cryptography import x509
 
 from .handshake import Handshake, Refused, State
+from .serving import AsyncServerThread
 from .settings import OpcUaOutput
 
 log = logging.getLogger(__name__)
@@ -133,17 +133,12 @@ class _Camera:
         self.area_nodes: dict[str, ua.NodeId] = {}
 
 
-class OpcUaServer:
+class OpcUaServer(AsyncServerThread):
     def __init__(self, config: OpcUaOutput, handshakes: list[Handshake]) -> None:
+        super().__init__(f"opcua:{config.endpoint}", config.endpoint, "factory-io-opcua", START_TIMEOUT_S)
         self.config = config
-        self.name = f"opcua:{config.endpoint}"
         self._handshakes = handshakes
         self._cameras: list[_Camera] = []
-        self._thread: threading.Thread | None = None
-        self._loop: asyncio.AbstractEventLoop | None = None
-        self._stopping: asyncio.Event | None = None
-        self._started = threading.Event()
-        self._failure: BaseException | None = None
         # (camera, state) from any thread; drained by the server's loop. Bounded: each entry is a
         # whole state, so should the loop fall behind, dropping the oldest loses nothing current.
         self._pending: collections.deque[tuple[_Camera, State]] = collections.deque(maxlen=4096)
@@ -151,37 +146,11 @@ class OpcUaServer:
         self._trusted: set[bytes] = set()
         self._server: Server | None = None
 
-    # -- the thread -----------------------------------------------------------------------
-    def start(self) -> None:
-        self._thread = threading.Thread(target=self._run, name="factory-io-opcua", daemon=True)
-        self._thread.start()
-        if not self._started.wait(START_TIMEOUT_S):
-            raise TimeoutError(f"{self.name}: not serving after {START_TIMEOUT_S:g} s")
-        if self._failure is not None:
-            raise OSError(f"cannot serve {self.config.endpoint}: {self._failure}") from self._failure
-
-    def _run(self) -> None:
-        try:
-            asyncio.run(self._main())
-        except BaseException as exc:  # reported by start(), or logged once serving
-            if not self._started.is_set():
-                self._failure = exc
-                self._started.set()
-            else:
-                log.exception("%s stopped", self.name)
-
-    def stop(self) -> None:
-        if self._loop is not None and self._stopping is not None and self._loop.is_running():
-            self._loop.call_soon_threadsafe(self._stopping.set)
-        if self._thread is not None:
-            self._thread.join(10.0)
-
-    async def _main(self) -> None:
+    # -- serving -------------------------------------------------------------------------------
+    async def _serve(self) -> None:
         # asyncua logs every request at INFO (a PLC polling every 10 ms: 100 lines a second) and
         # every node of its address space at start; its warnings and errors still show.
         logging.getLogger("asyncua").setLevel(logging.WARNING)
-        self._loop = asyncio.get_running_loop()
-        self._stopping = asyncio.Event()
         self._kick = asyncio.Event()
         server = await self._build()
         await server.start()
@@ -190,8 +159,7 @@ class OpcUaServer:
             for camera in self._cameras:  # from now on, every state change reaches the loop
                 camera.handshake.subscribe(functools.partial(self._push, camera))
             await self._drain()
-            self._started.set()
-            await self._stopping.wait()
+            await self._serving()
             drain.cancel()
         finally:
             await server.stop()
