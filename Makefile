@@ -53,6 +53,7 @@ bench: setup
 	$(PY) bench/bench_camera.py
 	$(PY) bench/bench_factory_io.py
 	$(PY) bench/bench_soak.py
+	$(PY) bench/bench_scale.py
 	$(PY) bench/bench_quality.py $(QUALITY_ARGS)
 
 clean:

@@ -90,6 +90,11 @@ def _add_trainer_parsers(commands: argparse._SubParsersAction) -> None:
     )
     train.add_argument("--short-side", type=int, default=256, help="network input short side (default 256)")
     train.add_argument("--seed", type=int, default=0, help="seed for the split and the coreset (default 0)")
+    train.add_argument(
+        "--region",
+        type=Path,
+        help="inspect only this region: a PNG mask (non-zero = inspect) or a polygons JSON file",
+    )
     train.add_argument("--json", action="store_true", help="print the evaluation as JSON")
 
     evaluate = commands.add_parser("evaluate", help="evaluate a model package on a labelled dataset")
@@ -97,6 +102,69 @@ def _add_trainer_parsers(commands: argparse._SubParsersAction) -> None:
     evaluate.add_argument("dataset", type=Path, help="labelled dataset (folders or manifest)")
     evaluate.add_argument("--report", type=Path, default=Path("evaluation"), help="where to write the report")
     evaluate.add_argument("--json", action="store_true", help="print the evaluation as JSON")
+
+
+def _add_revision_parsers(commands: argparse._SubParsersAction) -> None:
+    calibrate = commands.add_parser(
+        "calibrate", help="a new version of a model package with thresholds chosen on labelled images"
+    )
+    calibrate.add_argument("package", type=Path, help="model package directory written by `train`")
+    calibrate.add_argument(
+        "dataset", type=Path, help="labelled images (folders or manifest) at the model's size"
+    )
+    calibrate.add_argument("--out", type=Path, required=True, help="new package directory to write")
+    calibrate.add_argument(
+        "--favour-recall",
+        action=argparse.BooleanOptionalAction,
+        help="threshold for recall (F2) rather than F1 (default: as the model was trained)",
+    )
+    calibrate.add_argument("--json", action="store_true", help="print the evaluation as JSON")
+
+    update = commands.add_parser(
+        "update", help="a new version of a model package that learnt from more images"
+    )
+    update.add_argument("package", type=Path, help="model package directory written by `train`")
+    update.add_argument(
+        "--add",
+        type=Path,
+        required=True,
+        metavar="DATASET",
+        help="labelled images to add (folders or manifest)",
+    )
+    update.add_argument("--out", type=Path, required=True, help="new package directory to write")
+    update.add_argument("--json", action="store_true", help="print the evaluation as JSON")
+
+
+def _run_revision(args: argparse.Namespace) -> int:
+    from lookout_edge.trainer.calibrate import calibrate, update
+    from lookout_edge.trainer.evaluate import summary_lines
+
+    if args.command == "calibrate":
+        result = calibrate(args.package, args.dataset, args.out, args.favour_recall)
+    else:
+        result = update(args.package, args.add, args.out)
+    manifest = json.loads((result.package / "manifest.json").read_text(encoding="utf-8"))
+    if args.json:
+        record = {
+            "package": str(result.package),
+            "model_arn": manifest["model_arn"],
+            "changes": result.changes,
+        }
+        print(json.dumps({**record, "seconds": result.seconds, **result.evaluation}, indent=2))
+        return 0
+    print(f"{manifest['model_arn']} written to {result.package} ({result.seconds:.1f} s)")
+    for key, change in result.changes.items():
+        print(f"  {key}: {change['from']} -> {change['to']}")
+    if not result.changes:
+        print("  nothing changed: the new version serves the same graph")
+    estimate = manifest["metrics"]["classification"]
+    if estimate["f1"] is not None and estimate["f1_interval"] is not None:
+        low, high = estimate["f1_interval"]
+        print(f"estimated F1 on unseen images {estimate['f1']:.1%} ({low:.1%}-{high:.1%})")
+    print("on the given images:")
+    print("\n".join(summary_lines(result.evaluation)))
+    print(f"report: {result.package / 'report.html'}")
+    return 0
 
 
 def _add_package_parser(commands: argparse._SubParsersAction) -> None:
@@ -141,10 +209,14 @@ def _run_package(args: argparse.Namespace) -> int:
 
 def _run_train(args: argparse.Namespace) -> int:
     from lookout_edge.trainer.evaluate import summary_lines
+    from lookout_edge.trainer.progress import Progress
     from lookout_edge.trainer.train import TrainOptions, train
 
-    options = TrainOptions(short_side=args.short_side, favour_recall=args.favour_recall, seed=args.seed)
-    result = train(args.dataset, args.out, args.name, args.test, options)
+    options = TrainOptions(
+        short_side=args.short_side, favour_recall=args.favour_recall, seed=args.seed, region=args.region
+    )
+    progress = Progress(enabled=not args.json and sys.stderr.isatty())
+    result = train(args.dataset, args.out, args.name, args.test, options, progress)
     if args.json:
         print(
             json.dumps(
@@ -210,6 +282,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_agent_parser(commands)
     _add_client_parsers(commands)
     _add_trainer_parsers(commands)
+    _add_revision_parsers(commands)
     _add_camera_parser(commands)
     _add_package_parser(commands)
     return parser
@@ -306,9 +379,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         return _run_camera(args)
     if args.command == "package":
         return _run_package(args)
-    if args.command in ("train", "evaluate"):
+    if args.command in ("train", "evaluate", "calibrate", "update"):
         logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
         try:
+            if args.command in ("calibrate", "update"):
+                return _run_revision(args)
             return _run_train(args) if args.command == "train" else _run_evaluate(args)
         except (OSError, ValueError) as exc:  # DatasetError and PackageError are ValueErrors
             print(f"lookout-edge {args.command}: {exc}", file=sys.stderr)

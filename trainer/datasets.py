@@ -41,6 +41,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
+from lookout_edge.images import to_rgb888
 from lookout_edge.package import MAX_SIDE, MIN_SIDE, AnomalyLabel
 from lookout_edge.trainer.groundtruth import parse_manifest
 
@@ -99,9 +100,12 @@ class Dataset:
         return counts
 
     def load_image(self, sample: Sample) -> np.ndarray:
-        """The image as [H, W, 3] uint8 RGB."""
+        """The image as [H, W, 3] uint8 RGB; gray images (8 or 16 bits) by the rule of lookout_edge.images."""
         with Image.open(sample.image_path) as image:
-            pixels = np.array(image.convert("RGB"), dtype=np.uint8)
+            try:
+                pixels = to_rgb888(image)
+            except ValueError as exc:
+                raise DatasetError([f"{sample.image_path}: {exc}"]) from None
         self._check_shape(sample.image_path, pixels.shape[:2])
         return pixels
 
@@ -451,6 +455,11 @@ def _check_masks(parts: list[_Part]) -> None:
             )
         )
     _raise_if(problems)
+
+
+def check_counts(split: DatasetSplit) -> None:
+    """Raise `DatasetError` when `split` falls short of the guide's minimum counts."""
+    _raise_if(_count_problems(split))
 
 
 def _count_problems(split: DatasetSplit) -> list[str]:

@@ -28,6 +28,7 @@ from lookout_edge.contract import (
 from lookout_edge.package import AnomalyLabel, read_package
 from lookout_edge.trainer.datasets import Dataset, load_dataset
 from lookout_edge.trainer.metrics import auroc, classification_metrics, pixel_auroc, segmentation_metrics
+from lookout_edge.trainer.region import REGION_FILE, load_region
 from lookout_edge.trainer.report import EVALUATION_NAME, REPORT_NAME, ReportItem, write_report
 
 
@@ -48,15 +49,17 @@ def evaluate_model(
     dataset: Dataset,
     labels: tuple[AnomalyLabel, ...],
     threshold: float = DEFAULT_THRESHOLD,
+    region: np.ndarray | None = None,
 ) -> Evaluated:
-    """Run the graph on every image of `dataset` and compute the metrics."""
+    """Run the graph on every image of `dataset` and compute the metrics; `region` (the model's
+    inspection region, [H, W] bool) is shown on the report's images."""
     session = ort.InferenceSession(
         graph if isinstance(graph, bytes) else str(graph), providers=["CPUExecutionProvider"]
     )
     outputs = [output.name for output in session.get_outputs()]
     segmentation = LABEL_MAP_OUTPUT in outputs and bool(labels) and dataset.is_segmentation
     wanted = [SCORE_OUTPUT, *(name for name in (ANOMALY_MAP_OUTPUT, LABEL_MAP_OUTPUT) if name in outputs)]
-    remap = _label_remap(dataset.labels, labels) if segmentation else None
+    remap = label_remap(dataset.labels, labels) if segmentation else None
     truths, scores, maps, true_maps, predicted_maps = [], [], [], [], []
     items = []
     for sample in dataset.samples:
@@ -89,6 +92,7 @@ def evaluate_model(
                 label_map_true=truth_map if segmentation else None,
                 label_map_pred=predicted_map,
                 labels=labels if segmentation else (),
+                region=region,
             )
         )
     truth_array = np.array(truths, dtype=bool)
@@ -110,7 +114,7 @@ def evaluate_model(
     return Evaluated(metrics, items)
 
 
-def _label_remap(
+def label_remap(
     dataset_labels: tuple[AnomalyLabel, ...], model_labels: tuple[AnomalyLabel, ...]
 ) -> np.ndarray:
     """A lookup table from the dataset's label indices to the model's, matched by name."""
@@ -138,7 +142,12 @@ def evaluate_package(package_dir: Path, dataset_path: Path) -> Evaluated:
             f"the dataset's images are {dataset.width}x{dataset.height}, "
             f"the model was trained on {package.width}x{package.height}"
         )
-    return evaluate_model(package.model_file.path, dataset, package.labels, package.threshold)
+    region_file = package_dir / REGION_FILE
+    region = None
+    if any(entry.path == region_file for entry in package.files):
+        loaded = load_region(region_file, package.width, package.height)
+        region = None if loaded is None else loaded.pixels
+    return evaluate_model(package.model_file.path, dataset, package.labels, package.threshold, region)
 
 
 def summary_lines(metrics: dict[str, Any]) -> list[str]:

@@ -9,6 +9,9 @@
          background's resized to [H, W], P(anomaly) >= pixel threshold, likeliest label
                                                                   -> label_map, anomaly_map
 
+With an inspection region (trainer/region.py) the score is the maximum of the grid map weighted
+by each patch's fraction inside the region, and both maps are 0 outside it.
+
 The names and types are the graph contract of lookout_edge.contract. The label map is not
 gated by the image verdict here: whoever serves the graph applies the contract's verdict rule
 with the manifest's threshold, so that a changed threshold moves verdict and mask together.
@@ -42,6 +45,7 @@ from lookout_edge.trainer.patchcore import (
     raw_score,
 )
 from lookout_edge.trainer.reference import resize_bilinear
+from lookout_edge.trainer.region import Region, mask_pixel_maps, score_grid
 from lookout_edge.trainer.segmentation import SegmentationHead
 
 
@@ -52,6 +56,7 @@ class TrainedModel:
     centre: float  # raw score at the threshold
     scale: float  # raw-score units per logistic unit
     head: SegmentationHead | None = None
+    region: Region | None = None  # where the model looks (trainer/region.py)
 
 
 class _Nodes:
@@ -98,7 +103,7 @@ def build_model_graph(weights: dict[str, np.ndarray], model: TrainedModel) -> on
     )
     normaliser = blur_normaliser(layout.grid, kernel)[None, None].astype(np.float32)
     grid_map = n.add("Mul", [blurred, n.constant("blur_normaliser", normaliser)], "anomaly_grid")
-    raw = n.add("ReduceMax", [grid_map], "raw_score", keepdims=0)
+    raw = n.add("ReduceMax", [_region_score_grid(n, model, grid_map)], "raw_score", keepdims=0)
     inverse_scale = n.constant("inverse_scale", np.array(1.0 / model.scale, np.float32))
     offset = n.constant("offset", np.array(-model.centre / model.scale, np.float32))
     logit = n.add("Add", [n.add("Mul", [raw, inverse_scale], "raw_scaled"), offset], "score_logit")
@@ -114,12 +119,50 @@ def build_model_graph(weights: dict[str, np.ndarray], model: TrainedModel) -> on
         _segmentation_nodes(n, model, grid_map, image_shape)
         outputs.append(helper.make_tensor_value_info(LABEL_MAP_OUTPUT, TensorProto.UINT8, [height, width]))
     outputs.append(helper.make_tensor_value_info(ANOMALY_MAP_OUTPUT, TensorProto.FLOAT, [height, width]))
+    _region_outputs(n, model)
     del graph.output[:]
     graph.output.extend(outputs)
     graph.name = "lookout_edge_patchcore"
     onnx.checker.check_model(onnx_model, full_check=True)
     check_graph_io(*onnx_graph_io(onnx_model), width, height, model.head is not None, "the exported graph")
     return onnx_model
+
+
+def _region_score_grid(n: _Nodes, model: TrainedModel, grid_map: str) -> str:
+    """The grid map the image score is taken from: without a region the map itself, with one
+    each patch's value times the fraction of it inside the region (trainer/region.py)."""
+    if model.region is None:
+        return grid_map
+    weights = model.region.patch_weights(model.layout.grid)[None, None]
+    return n.add("Mul", [grid_map, n.constant("region_patch_weights", weights)], "region_score_grid")
+
+
+def _region_outputs(n: _Nodes, model: TrainedModel) -> None:
+    """Set `anomaly_map` and `label_map` to 0 outside the region, whatever nodes made them.
+
+    The region is a bool [H, W] initializer (one byte a pixel; TensorRT takes bool, not uint8).
+    The label map is masked while still int64, before its final Cast to uint8, which the
+    TensorRT variant retargets (agent/backends/trt_graph.py).
+    """
+    if model.region is None:
+        return
+    graph = n.graph
+    inside = n.constant("region_pixels", model.region.pixels.astype(np.bool_))
+    producer = {output: node for node in graph.node for output in node.output}
+    unmasked = producer[ANOMALY_MAP_OUTPUT]
+    unmasked.output[0] = unmasked.name = "anomaly_map_unmasked"
+    zero = n.constant("region_zero_anomaly", np.array(0.0, np.float32))
+    n.add("Where", [inside, "anomaly_map_unmasked", zero], ANOMALY_MAP_OUTPUT)
+    cast = producer.get(LABEL_MAP_OUTPUT)
+    if cast is None:
+        return
+    assert cast.op_type == "Cast", "the label map ends with its Cast to uint8"
+    moved = onnx.NodeProto()
+    moved.CopyFrom(cast)
+    graph.node.remove(cast)  # appended again below, after the Where that now feeds it
+    zero_label = n.constant("region_zero_label", np.array(0, np.int64))
+    moved.input[0] = n.add("Where", [inside, moved.input[0], zero_label], "label_map_in_region")
+    graph.node.append(moved)
 
 
 def _segmentation_nodes(n: _Nodes, model: TrainedModel, grid_map: str, image_shape: str) -> None:
@@ -163,12 +206,15 @@ def reference_outputs(model: TrainedModel, patches: np.ndarray) -> dict[str, np.
     layout = model.layout
     size = (layout.image_height, layout.image_width)
     grid_map = anomaly_grid(patches, model.bank, layout.grid)
-    score = float(calibrated_score(raw_score(grid_map), model.centre, model.scale))
+    score = float(calibrated_score(raw_score(score_grid(model.region, grid_map)), model.centre, model.scale))
     outputs = {SCORE_OUTPUT: np.array(score)}
     if model.head is None:
-        outputs[ANOMALY_MAP_OUTPUT] = resize_bilinear(grid_map[None].astype(np.float64), *size)[0]
+        resized = resize_bilinear(grid_map[None].astype(np.float64), *size)[0]
+        outputs[ANOMALY_MAP_OUTPUT] = resized if model.region is None else resized * model.region.pixels
         return outputs
-    anomaly, label = model.head.pixel_maps(patches, grid_map.reshape(-1), layout.grid, size)
+    anomaly, label = mask_pixel_maps(
+        model.region, model.head.pixel_maps(patches, grid_map.reshape(-1), layout.grid, size)
+    )
     outputs[ANOMALY_MAP_OUTPUT] = anomaly
     outputs[LABEL_MAP_OUTPUT] = model.head.label_map(anomaly, label)
     return outputs

@@ -4,7 +4,8 @@ The HTML page is self-contained (inline CSS, inline SVG, images as base64 JPEG; 
 no external asset) so a quality engineer can open it offline or mail it. It shows what the
 Lookout for Vision console showed after training: the summary metrics, the per-label metrics
 of a segmentation model and every test image with its verdict, plus the score histogram with
-the threshold, which tells how much margin the threshold leaves on each side.
+the threshold, which tells how much margin the threshold leaves on each side. A model with an
+inspection region shows it on every image: outlined, the outside dimmed.
 """
 
 from __future__ import annotations
@@ -29,6 +30,8 @@ EVALUATION_NAME = "evaluation.json"
 REPORT_NAME = "report.html"
 THUMBNAIL_WIDTH = 256
 OVERLAY_ALPHA = 128  # of 255: the defect stays visible under its label colour
+OUTSIDE_BRIGHTNESS = 0.35  # outside the inspection region, thumbnails are dimmed to this
+REGION_OUTLINE = (255, 212, 0)  # and the region's edge is drawn in this colour
 HISTOGRAM_BINS = 20
 NORMAL_COLOR = "#4C78A8"
 ANOMALOUS_COLOR = "#E45756"
@@ -39,19 +42,24 @@ class ReportItem:
     """One evaluated image. Label maps hold 0 for background and i for `labels[i - 1]`."""
 
     name: str
-    image: np.ndarray  # uint8 [H, W, 3]
+    # uint8 [H, W, 3]; kept at the gallery's thumbnail size, so that a report of thousands of
+    # images does not hold them all at full size.
+    image: np.ndarray
     is_anomalous: bool
     score: float
     predicted: bool
     label_map_true: np.ndarray | None = None  # uint8 [H, W]
     label_map_pred: np.ndarray | None = None  # uint8 [H, W]
     labels: tuple[AnomalyLabel, ...] = ()
+    region: np.ndarray | None = None  # bool [H, W]: where the model inspects (trainer/region.py)
 
     def __post_init__(self) -> None:
         if self.image.dtype != np.uint8 or self.image.ndim != 3 or self.image.shape[2] != 3:
             raise ValueError(
                 f"{self.name}: image must be uint8 [H, W, 3], got {self.image.dtype} {self.image.shape}"
             )
+        if self.region is not None and self.region.shape != self.image.shape[:2]:
+            raise ValueError(f"{self.name}: region {self.region.shape} does not match the image")
         for label_map in (self.label_map_true, self.label_map_pred):
             if label_map is None:
                 continue
@@ -59,6 +67,8 @@ class ReportItem:
                 raise ValueError(f"{self.name}: label map {label_map.shape} does not match the image")
             if label_map.size and int(label_map.max()) > len(self.labels):
                 raise ValueError(f"{self.name}: label map value {int(label_map.max())} has no label")
+        if self.image.shape[1] > THUMBNAIL_WIDTH:
+            object.__setattr__(self, "image", np.asarray(_thumbnail(self.image)))
 
     @property
     def correct(self) -> bool:
@@ -136,6 +146,13 @@ def render_html(evaluation: Mapping[str, Any], items: Sequence[ReportItem]) -> s
     ]
     if "segmentation" in evaluation:
         parts += ["<h2>Performance per label</h2>", _label_table(evaluation["segmentation"])]
+    regions = [item.region for item in items if item.region is not None]
+    if regions:
+        parts.append(
+            f'<p class="region">The model inspects {100 * float(regions[0].mean()):.1f} % of the image: '
+            "the region outlined in yellow on every image. Outside it (dimmed) nothing is scored or "
+            "painted.</p>"
+        )
     parts += [
         "<h2>Scores</h2>",
         _histogram_svg([item.score for item in items], [item.is_anomalous for item in items], threshold),
@@ -273,6 +290,8 @@ def _gallery_entry(item: ReportItem) -> str:
     status = "correct" if item.correct else "wrong"
     verdict = "✔ Correct" if item.correct else "✘ Wrong"
     thumbnail = _thumbnail(item.image)
+    if item.region is not None:
+        thumbnail = _show_region(thumbnail, item.region)
     figures = []
     if item.is_segmentation:
         for caption, label_map in (("Predicted", item.label_map_pred), ("Ground truth", item.label_map_true)):
@@ -338,6 +357,22 @@ def _overlay(thumbnail: Image.Image, label_map: np.ndarray, labels: tuple[Anomal
     )
     tint = Image.fromarray(palette[np.asarray(small)])  # [h, w, 4] uint8: RGBA
     return Image.alpha_composite(thumbnail.convert("RGBA"), tint).convert("RGB")
+
+
+def _show_region(thumbnail: Image.Image, region: np.ndarray) -> Image.Image:
+    """The thumbnail dimmed outside the region, with the region's edge outlined."""
+    inside = (
+        np.asarray(
+            Image.fromarray(region.astype(np.uint8) * 255).resize(thumbnail.size, Image.Resampling.NEAREST)
+        )
+        > 0
+    )
+    pixels = np.asarray(thumbnail, dtype=np.float32)
+    shown = np.where(inside[..., None], pixels, pixels * OUTSIDE_BRIGHTNESS)
+    padded = np.pad(inside, 1, mode="edge")
+    neighbours_outside = ~padded[:-2, 1:-1] | ~padded[2:, 1:-1] | ~padded[1:-1, :-2] | ~padded[1:-1, 2:]
+    shown[inside & neighbours_outside] = REGION_OUTLINE
+    return Image.fromarray(shown.astype(np.uint8))
 
 
 def _jpeg_base64(picture: Image.Image) -> str:

@@ -21,7 +21,7 @@ from lookout_edge.trainer.patchcore import greedy_coreset
 from lookout_edge.trainer.reference import reference_patches
 from lookout_edge.trainer.segmentation import train_head
 from lookout_edge.trainer.synthetic import write_synthetic_dataset
-from lookout_edge.trainer.train import TrainOptions, split_dataset, train
+from lookout_edge.trainer.train import TrainOptions, train
 
 COOKIES = Path(__file__).resolve().parents[2] / ".." / "shared" / "datasets" / "cookies"
 
@@ -44,16 +44,25 @@ def test_segmentation_package(segmentation_package: Path) -> None:
     assert package.threshold == 0.5
     package.verify_files()
     manifest = json.loads((segmentation_package / "manifest.json").read_text())
+    # Every image trains the delivered model; the metrics are the cross-validated estimate.
+    assert manifest["training"]["images"] == {"normal": 20, "anomalous": 40}
+    assert manifest["training"]["test_images"] is None
     metrics = manifest["metrics"]
-    assert metrics["images"] == {"normal": 7, "anomalous": 20}  # the held-out third and half
+    assert metrics["images"] == {"normal": 20, "anomalous": 40}
     assert metrics["auroc"] >= 0.95
-    assert metrics["classification"]["f1"] >= 0.9
-    assert metrics["pixel_auroc"] >= 0.95
-    assert {label["name"] for label in metrics["segmentation"]["labels"]} == {"scratch", "missing"}
+    classification = metrics["classification"]
+    assert classification["f1"] >= 0.9
+    low, high = classification["f1_interval"]
+    assert low <= classification["f1"] <= high
+    assert classification["estimate"].startswith("cross-validated estimate")
     for name in ("evaluation.json", "report.html"):
         assert (segmentation_package / name).is_file()
+    # Without a test set, the report shows every training image out of fold.
     evaluation = json.loads((segmentation_package / "evaluation.json").read_text())
-    assert len(evaluation["results"]) == 27
+    assert len(evaluation["results"]) == 60
+    # Masks out of fold come from heads trained on half of the anomalous images.
+    assert evaluation["pixel_auroc"] >= 0.95
+    assert {label["name"] for label in evaluation["segmentation"]["labels"]} == {"scratch", "missing"}
 
 
 def test_classification_from_folders(segmentation_dataset: Path, tmp_path: Path) -> None:
@@ -111,14 +120,21 @@ def test_graph_is_static_and_checked(segmentation_package: Path) -> None:
         assert all(d.HasField("dim_value") for d in dims), value.name
 
 
-def test_split_is_stratified_and_seeded(segmentation_dataset: Path) -> None:
-    dataset = load_dataset(segmentation_dataset).train
-    train_part, test_part = split_dataset(dataset, seed=0)
-    assert (test_part.normal_count, test_part.anomalous_count) == (7, 20)
-    assert not {s.image_path for s in train_part.samples} & {s.image_path for s in test_part.samples}
-    again = split_dataset(dataset, seed=0)[1]
-    assert again.samples == test_part.samples
-    assert split_dataset(dataset, seed=1)[1].samples != test_part.samples
+def test_a_test_set_is_evaluated_beside_the_estimate(segmentation_dataset: Path, tmp_path: Path) -> None:
+    data = tmp_path / "data"
+    source = segmentation_dataset.parent
+    for folder in ("normal", "anomaly"):
+        files = sorted((source / folder).iterdir())
+        for part, chosen in (("train", files[10:]), ("test", files[:10])):
+            (data / part / folder).mkdir(parents=True)
+            for file in chosen:
+                (data / part / folder / file.name).write_bytes(file.read_bytes())
+    result = train(data, tmp_path / "model", "parts-cls")
+    manifest = json.loads((result.package / "manifest.json").read_text())
+    assert manifest["training"]["images"] == {"normal": 10, "anomalous": 30}
+    assert manifest["metrics"]["test"]["images"] == {"normal": 10, "anomalous": 10}
+    assert manifest["metrics"]["test"] == result.evaluation
+    assert manifest["metrics"]["classification"]["f1_interval"] is not None
 
 
 def test_bad_dataset_writes_nothing(tmp_path: Path) -> None:
@@ -141,18 +157,22 @@ def test_cookies_end_to_end_through_the_agent(tmp_path: Path) -> None:
     """Train on the real cookies dataset, then serve the package: DetectAnomalies over gRPC
     gives the verdicts and scores that the evaluation recorded."""
     from lookout_edge.client.edge_client import EdgeAgentClient
+    from lookout_edge.trainer.evaluate import evaluate_package
     from tests.conftest import AgentProcess, short_tmpdir
 
     models = tmp_path / "models"
     result = train(COOKIES / "train.manifest", models / "cookies", "cookies")
-    evaluation = json.loads((result.package / "evaluation.json").read_text())
-    assert evaluation["auroc"] >= 0.98
+    manifest = json.loads((result.package / "manifest.json").read_text())
+    assert manifest["metrics"]["auroc"] >= 0.95  # out of fold
+    assert manifest["metrics"]["classification"]["f1"] >= 0.9
+    # What `evaluate` records for the delivered package, image by image.
+    records = [item.result() for item in evaluate_package(result.package, COOKIES / "train.manifest").items]
     agent = AgentProcess(short_tmpdir() / "agent.sock", models)
     try:
         agent.wait_ready()
         with EdgeAgentClient(agent.address) as client:
             client.start_and_wait("cookies", timeout=60)
-            for record in evaluation["results"]:
+            for record in records:
                 path = COOKIES / "training-images" / record["name"]
                 detection = client.detect(path, "cookies", shared_memory=True)
                 assert detection.is_anomalous == record["predicted"], record["name"]
