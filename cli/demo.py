@@ -25,16 +25,20 @@ from lookout_edge.trainer.synthetic import write_synthetic_dataset
 from lookout_edge.trainer.train import train
 
 MODEL = "parts-inspection"
+TRAINING_NORMAL = 20
 
 
 def unseen_images(out: Path, count: int = 3) -> list[Path]:
-    """A few normal and anomalous parts of the same kind that the model has never seen (the
-    trained model uses every image of its dataset)."""
-    manifest = write_synthetic_dataset(out, normal=count, anomalous=count, seed=1)
-    images = sorted(p for p in manifest.parent.rglob("*.png") if p.parent.name != "masks")
-    return [p for p in images if p.name.startswith("normal-")] + [
-        p for p in images if p.name.startswith("anomaly-")
-    ]
+    """A few normal and anomalous parts of the same kind that the model has never seen.
+
+    The seed chooses the kind of part (its texture), so they come from the training seed: the
+    generator writes images in order, and the first TRAINING_NORMAL normal images of a larger
+    set are the training images; the rest, and its anomalies (drawn after more normals), are new.
+    """
+    manifest = write_synthetic_dataset(out, normal=TRAINING_NORMAL + count, anomalous=count)
+    folder = manifest.parent
+    normals = sorted((folder / "normal").glob("*.png"))[TRAINING_NORMAL:]
+    return normals + sorted((folder / "anomaly").glob("*.png"))
 
 
 def wait_for_agent(client: EdgeAgentClient, agent: subprocess.Popen, timeout: float = 30.0) -> None:
@@ -57,7 +61,7 @@ def main() -> int:
     args = parser.parse_args()
     out: Path = args.out.resolve()
     shutil.rmtree(out, ignore_errors=True)
-    dataset = write_synthetic_dataset(out / "dataset", normal=20, anomalous=40)
+    dataset = write_synthetic_dataset(out / "dataset", normal=TRAINING_NORMAL, anomalous=40)
     print(f"1. generated a labelled dataset: {dataset}")
     models_dir = out / "models"
     print("2. training (PatchCore on EfficientNet-Lite0 features, segmentation head)...")
