@@ -13,6 +13,10 @@ maximises the expected *recall minus false-alarm rate* under them (Youden's J; w
 `favour_recall` a miss counts `RECALL_WEIGHT` times as much as a false alarm). It depends
 on the two rates only, not on how many anomalous images the user happened to collect: the
 share of anomalies in a training set is a collection choice, not the line's defect rate.
+Thresholds whose expected criterion is within half of one image's step of the best are taken
+as equally good, and the middle of them is chosen: when the classes are far apart this is the
+middle of the gap, the threshold with the most room for new normal images that score a little
+higher than the training ones (another lighting, JPEG frames from a camera).
 A threshold that sits where scores are dense on both sides loses to one in a sparse region,
 which is where unseen scores are also rare.
 
@@ -94,8 +98,11 @@ def balanced_threshold(normal: np.ndarray, anomalous: np.ndarray, favour_recall:
     recall = _tail_above(anomalous, h_anomalous, thresholds)
     false_alarms = _tail_above(normal, h_normal, thresholds)
     gain = (RECALL_WEIGHT if favour_recall else 1.0) * recall - false_alarms
-    best = np.flatnonzero(gain >= gain.max() - 1e-9)
-    # The middle of the best plateau.
+    # Thresholds whose expected gain is within half the smallest step one image makes
+    # (1 / the larger class's count) of the best are equally good on these images; the middle
+    # of them is the one farthest from both classes.
+    tie = 0.5 / max(normal.size, anomalous.size)
+    best = np.flatnonzero(gain >= gain.max() - tie)
     return float(thresholds[best].mean())
 
 
