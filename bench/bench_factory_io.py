@@ -39,7 +39,7 @@ from pymodbus.client import ModbusTcpClient
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from bench.bench_agent import bench_model_graph  # noqa: E402
+from bench.bench_agent import bench_model_graph, save_results  # noqa: E402
 from lookout_edge.client.camera.factory_io.opcua import NAMESPACE_URI  # noqa: E402
 from lookout_edge.client.edge_client import EdgeAgentClient  # noqa: E402
 from lookout_edge.package import write_package  # noqa: E402
@@ -173,7 +173,7 @@ def main() -> int:
     )
     parser.add_argument("--inspections", type=int, default=100, help="per protocol (default 100)")
     parser.add_argument("--poll-ms", type=float, default=5.0, help="the PLC's read interval (default 5)")
-    parser.add_argument("--json", type=Path, help="also write the figures here")
+    parser.add_argument("--json", type=Path, default=ROOT / "build" / "bench" / "factory_io.json")
     args = parser.parse_args()
 
     work = Path(tempfile.mkdtemp(prefix="le-bench-fio-", dir="/tmp"))
@@ -258,8 +258,7 @@ def main() -> int:
             "modbus": protocol("modbus", modbus),
         }
         print(json.dumps(figures, indent=2))
-        if args.json:
-            args.json.write_text(json.dumps(figures, indent=2) + "\n")
+        save_results(figures, args.json)
         return 0
     finally:
         for process in reversed(processes):
