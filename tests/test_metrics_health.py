@@ -226,7 +226,10 @@ def test_watch_receives_the_transitions(agent: RunningAgent) -> None:
     agent.stub.StopModel(pb2.StopModelRequest(model_component="seg"))
     assert heard.get(timeout=10) == NOT_SERVING
     agent.close()
-    assert ended(heard) == grpc.StatusCode.UNAVAILABLE  # as when any server goes away
+    # The stream ends in an error, never OK and never hanging: CANCELLED when the server's stop
+    # cancels the call before the connection closes, UNAVAILABLE when the connection goes first
+    # (both race in grpc's shutdown; a Watch client reconnects on either).
+    assert ended(heard) in (grpc.StatusCode.CANCELLED, grpc.StatusCode.UNAVAILABLE)
     thread.join(10)
     assert not thread.is_alive()
 
