@@ -84,12 +84,16 @@ def _add_trainer_parsers(commands: argparse._SubParsersAction) -> None:
     )
     train.add_argument("--out", type=Path, required=True, help="model package directory to write")
     train.add_argument("--name", required=True, help="model component name clients will use")
-    train.add_argument("--test", type=Path, help="a separate test dataset (otherwise one is held out)")
+    train.add_argument(
+        "--test", type=Path, help="a separate test dataset, evaluated beside the cross-validated estimate"
+    )
     train.add_argument(
         "--favour-recall", action="store_true", help="threshold for recall (F2) rather than F1"
     )
     train.add_argument("--short-side", type=int, default=256, help="network input short side (default 256)")
-    train.add_argument("--seed", type=int, default=0, help="seed for the split and the coreset (default 0)")
+    train.add_argument(
+        "--seed", type=int, default=0, help="seed for the cross-validation and the coreset (default 0)"
+    )
     train.add_argument(
         "--region",
         type=Path,

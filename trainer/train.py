@@ -3,7 +3,8 @@
 Every labelled image serves the delivered model: nothing is held out.
 
 1. Features of every training image (trainer/features.py), extracted once.
-2. Memory bank: greedy coreset of all the normal images' patches (trainer/patchcore.py).
+2. Memory bank: greedy coreset of all the normal images' patches (trainer/bank.py; streamed
+   in two stages for thousands of images).
 3. Out-of-fold scores. Each normal image is scored against the bank without its own patches
    (what an unseen normal image gets), each anomalous image against the whole bank
    (anomalies never enter it).
