@@ -52,8 +52,8 @@ from lookout_edge.trainer.datasets import Dataset, DatasetError, Sample, load_da
 from lookout_edge.trainer.evaluate import evaluate_model, label_remap
 from lookout_edge.trainer.export import TrainedModel, build_model_graph
 from lookout_edge.trainer.features import FeatureExtractor, FeatureLayout
-from lookout_edge.trainer.patchcore import anomaly_grid, calibrated_score, greedy_coreset, raw_score
-from lookout_edge.trainer.region import REGION_FILE, mask_pixel_maps, score_grid
+from lookout_edge.trainer.patchcore import anomaly_grid, calibrated_score, greedy_coreset
+from lookout_edge.trainer.region import REGION_FILE, mask_pixel_maps, region_raw_score
 from lookout_edge.trainer.segmentation import (
     SegmentationHead,
     best_pixel_threshold,
@@ -217,11 +217,6 @@ class _Source:
         return write_package(Path(out_dir), manifest, files), evaluated.metrics, changes
 
 
-def _raw(model: TrainedModel, grid_map: np.ndarray) -> float:
-    """An image's raw score from its anomaly grid, as trainer/train.py takes it (inside the region)."""
-    return raw_score(score_grid(model.region, grid_map))
-
-
 def next_version(model_arn: str) -> str:
     """`…:3` or `…/3` → `…:4` / `…/4`; an ARN without a version is version 1, so it gets `:2`."""
     match = _VERSION.search(model_arn)
@@ -238,7 +233,11 @@ def _self_check(
     raw = []
     for image in images:
         excluded = state.excluded_rows(image.digest)
-        raw.append(_raw(model, anomaly_grid(image.features, model.bank, model.layout.grid, excluded)))
+        raw.append(
+            region_raw_score(
+                model.region, anomaly_grid(image.features, model.bank, model.layout.grid, excluded)
+            )
+        )
     scores = calibrated_score(np.array(raw), model.centre, model.scale)
     picked = choose_references(list(scores), [image.sample.is_anomalous for image in images])
     if not picked:
@@ -274,8 +273,8 @@ def calibrate(
     maps = [anomaly_grid(i.features, model.bank, grid, state.excluded_rows(i.digest)) for i in images]
     normal = [index for index, image in enumerate(images) if not image.sample.is_anomalous]
     anomalous = [index for index, image in enumerate(images) if image.sample.is_anomalous]
-    normal_raw = np.array([_raw(model, maps[i]) for i in normal])
-    anomalous_raw = np.array([_raw(model, maps[i]) for i in anomalous])
+    normal_raw = np.array([region_raw_score(model.region, maps[i]) for i in normal])
+    anomalous_raw = np.array([region_raw_score(model.region, maps[i]) for i in anomalous])
     recall = bool(state.options["favour_recall"]) if favour_recall is None else favour_recall
     seed = int(state.options["seed"])
     centre = choose_threshold(normal_raw, anomalous_raw, recall)
@@ -449,8 +448,8 @@ def _added(
         normal_hashes=state.normal_hashes + tuple(image.digest for image in normals),
         anomalous_hashes=state.anomalous_hashes + tuple(image.digest for image in anomalous),
         bank_origin=origin,
-        normal_raw=np.r_[state.normal_raw, [_raw(model, m) for m in normal_maps]],
-        anomalous_raw=np.r_[state.anomalous_raw, [_raw(model, m) for m in anomalous_maps]],
+        normal_raw=np.r_[state.normal_raw, [region_raw_score(model.region, m) for m in normal_maps]],
+        anomalous_raw=np.r_[state.anomalous_raw, [region_raw_score(model.region, m) for m in anomalous_maps]],
         head_training=training,
     )
 

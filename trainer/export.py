@@ -42,10 +42,9 @@ from lookout_edge.trainer.patchcore import (
     blur_kernel,
     blur_normaliser,
     calibrated_score,
-    raw_score,
 )
 from lookout_edge.trainer.reference import resize_bilinear
-from lookout_edge.trainer.region import Region, mask_pixel_maps, score_grid
+from lookout_edge.trainer.region import Region, mask_pixel_maps, region_raw_score
 from lookout_edge.trainer.segmentation import SegmentationHead
 
 
@@ -206,7 +205,7 @@ def reference_outputs(model: TrainedModel, patches: np.ndarray) -> dict[str, np.
     layout = model.layout
     size = (layout.image_height, layout.image_width)
     grid_map = anomaly_grid(patches, model.bank, layout.grid)
-    score = float(calibrated_score(raw_score(score_grid(model.region, grid_map)), model.centre, model.scale))
+    score = float(calibrated_score(region_raw_score(model.region, grid_map), model.centre, model.scale))
     outputs = {SCORE_OUTPUT: np.array(score)}
     if model.head is None:
         resized = resize_bilinear(grid_map[None].astype(np.float64), *size)[0]

@@ -41,6 +41,7 @@ import numpy as np
 from PIL import Image, ImageDraw
 
 from lookout_edge.trainer.datasets import DatasetError
+from lookout_edge.trainer.patchcore import raw_score
 
 REGION_FILE = "region.png"
 # A polygons file is a few KiB; anything far larger is not one.
@@ -102,11 +103,12 @@ def _overlap(cells: int, pixels: int) -> np.ndarray:
     return np.maximum(covered, 0.0) / size
 
 
-def score_grid(region: Region | None, grid_map: np.ndarray) -> np.ndarray:
-    """The grid map the image score is the maximum of: weighted by the region, or as it is."""
-    if region is None:
-        return grid_map
-    return grid_map * region.patch_weights((grid_map.shape[0], grid_map.shape[1]))
+def region_raw_score(region: Region | None, grid_map: np.ndarray) -> float:
+    """An image's raw score from its anomaly grid: the maximum of the grid weighted by the
+    region (trainer/patchcore.py `raw_score`), or of the grid as it is without one."""
+    if region is not None:
+        grid_map = grid_map * region.patch_weights((grid_map.shape[0], grid_map.shape[1]))
+    return raw_score(grid_map)
 
 
 def mask_pixel_maps(

@@ -45,9 +45,9 @@ from lookout_edge.trainer.evaluate import Evaluated, evaluate_model
 from lookout_edge.trainer.export import TrainedModel, build_model_graph
 from lookout_edge.trainer.features import FeatureExtractor, layout_for
 from lookout_edge.trainer.metrics import auroc, classification_metrics, pixel_auroc, segmentation_metrics
-from lookout_edge.trainer.patchcore import anomaly_grid, calibrated_score, raw_score
+from lookout_edge.trainer.patchcore import anomaly_grid, calibrated_score
 from lookout_edge.trainer.progress import QUIET, Progress
-from lookout_edge.trainer.region import REGION_FILE, load_region, mask_pixel_maps, score_grid
+from lookout_edge.trainer.region import REGION_FILE, load_region, mask_pixel_maps, region_raw_score
 from lookout_edge.trainer.report import ReportItem
 from lookout_edge.trainer.segmentation import (
     SegmentationHead,
@@ -180,8 +180,8 @@ class _Trainer:
             anomaly_grid(_full(features), bank, grid)
             for features in self.progress.each("scoring anomalous images", anomalous_features)
         ]
-        normal_raw = np.array([raw_score(score_grid(self.region, m)) for m in normal_maps])
-        anomalous_raw = np.array([raw_score(score_grid(self.region, m)) for m in anomalous_maps])
+        normal_raw = np.array([region_raw_score(self.region, m) for m in normal_maps])
+        anomalous_raw = np.array([region_raw_score(self.region, m) for m in anomalous_maps])
         centre = choose_threshold(normal_raw, anomalous_raw, self.options.favour_recall)
         model = TrainedModel(
             self.layout, bank, centre, logistic_scale(normal_raw, centre), region=self.region
