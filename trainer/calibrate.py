@@ -69,13 +69,7 @@ from lookout_edge.trainer.state import (
     load_state,
     save_state,
 )
-from lookout_edge.trainer.threshold import (
-    Estimate,
-    choose_threshold,
-    cross_validate,
-    estimate_metrics,
-    logistic_scale,
-)
+from lookout_edge.trainer.threshold import Estimate, calibration_from_scores, estimate_metrics
 from lookout_edge.trainer.train import NORMAL_PATCH_STRIDE
 from lookout_edge.trainer.weights import load_pretrained_weights
 
@@ -277,8 +271,8 @@ def calibrate(
     anomalous_raw = np.array([region_raw_score(model.region, maps[i]) for i in anomalous])
     recall = bool(state.options["favour_recall"]) if favour_recall is None else favour_recall
     seed = int(state.options["seed"])
-    centre = choose_threshold(normal_raw, anomalous_raw, recall)
-    estimate = cross_validate(normal_raw, anomalous_raw, recall, seed)
+    calibration = calibration_from_scores(normal_raw, anomalous_raw, recall, seed)
+    estimate = calibration.estimate
     head = model.head
     pixel_note = "kept: the model has no segmentation head"
     if head is not None:
@@ -290,7 +284,7 @@ def calibrate(
         else:
             head = replace(head, pixel_threshold=pixel_threshold)
             pixel_note = f"chosen on {len(anomalous)} anomalous images with masks"
-    new_model = replace(model, centre=centre, scale=logistic_scale(normal_raw, centre), head=head)
+    new_model = replace(model, centre=calibration.centre, scale=calibration.scale, head=head)
     # The state keeps describing the training images: calibration changes thresholds only.
     new_state = replace(state, model=new_model, options={**state.options, "favour_recall": recall})
     known = sum(
@@ -367,10 +361,10 @@ def update(package_dir: Path, dataset_path: Path, out_dir: Path) -> Revised:
     recall, seed = bool(state.options["favour_recall"]), int(state.options["seed"])
     new_state = _added(source, state, normals, anomalous, dataset) if added else state
     normal_raw, anomalous_raw = new_state.normal_raw, new_state.anomalous_raw
-    centre = choose_threshold(normal_raw, anomalous_raw, recall)
-    new_model = replace(new_state.model, centre=centre, scale=logistic_scale(normal_raw, centre))
+    calibration = calibration_from_scores(normal_raw, anomalous_raw, recall, seed)
+    estimate = calibration.estimate
+    new_model = replace(new_state.model, centre=calibration.centre, scale=calibration.scale)
     new_state = replace(new_state, model=new_model)
-    estimate = cross_validate(normal_raw, anomalous_raw, recall, seed)
     details = {
         "evaluated_on": "the images given to update (now part of the model: in-sample)",
         "estimate": "cross-validated on the training and added images (out-of-fold scores)",

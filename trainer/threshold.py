@@ -126,6 +126,25 @@ def logistic_scale(normal_raw: np.ndarray, centre: float) -> float:
     return spread / math.log(1 / NORMAL_MEDIAN_SCORE - 1)
 
 
+@dataclass(frozen=True)
+class Calibration:
+    """What the out-of-fold scores of a model's images set: its raw threshold, the logistic
+    scale of its 0..1 scores, and the cross-validated estimate of its verdicts."""
+
+    centre: float
+    scale: float
+    estimate: Estimate
+
+
+def calibration_from_scores(
+    normal_raw: np.ndarray, anomalous_raw: np.ndarray, favour_recall: bool, seed: int
+) -> Calibration:
+    """The threshold rule, the calibration and the estimate on out-of-fold raw scores."""
+    centre = choose_threshold(normal_raw, anomalous_raw, favour_recall)
+    estimate = cross_validate(normal_raw, anomalous_raw, favour_recall, seed)
+    return Calibration(centre, logistic_scale(normal_raw, centre), estimate)
+
+
 def balanced_f1(recall: np.ndarray | float, false_alarm_rate: np.ndarray | float) -> np.ndarray:
     """F1 of a set with as many anomalous as normal images, from the two rates."""
     recall = np.asarray(recall, dtype=np.float64)

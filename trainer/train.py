@@ -57,13 +57,7 @@ from lookout_edge.trainer.segmentation import (
 )
 from lookout_edge.trainer.selfcheck import choose_references, reference_checks
 from lookout_edge.trainer.state import STATE_NAME, HeadTraining, TrainerState, image_hash, save_state
-from lookout_edge.trainer.threshold import (
-    Estimate,
-    choose_threshold,
-    cross_validate,
-    estimate_metrics,
-    logistic_scale,
-)
+from lookout_edge.trainer.threshold import Estimate, calibration_from_scores, estimate_metrics
 from lookout_edge.trainer.weights import load_pretrained_weights
 
 log = logging.getLogger(__name__)
@@ -127,12 +121,16 @@ class _Trainer:
         self.extract = FeatureExtractor(self.weights, self.layout)
         self.hashes: dict[Path, str] = {}  # image path -> trainer/state.py's image_hash
         self.progress = progress
-        self.storage: type[np.floating[Any]] = np.float32
 
     def features(
-        self, samples: tuple[Sample, ...], step: str, bank: BankBuilder | None = None
+        self,
+        samples: tuple[Sample, ...],
+        step: str,
+        storage: type[np.floating[Any]],
+        bank: BankBuilder | None = None,
     ) -> list[np.ndarray]:
-        """Each sample's [C, P] patch features, extracted once and also added to `bank`.
+        """Each sample's [C, P] patch features, extracted once, kept as `storage` and also added
+        to `bank`.
 
         With a streamed bank (thousands of images) they are kept in float16, halving the
         largest array of training; scoring computes in float32 (`_full`).
@@ -144,7 +142,7 @@ class _Trainer:
             extracted = self.extract(image)
             if bank is not None:
                 bank.add(extracted)
-            features.append(extracted.astype(self.storage, copy=False))
+            features.append(extracted.astype(storage, copy=False))
         return features
 
     def fit(self, samples: tuple[Sample, ...]) -> Fitted:
@@ -160,9 +158,9 @@ class _Trainer:
             expected_images=len(normals),
             patches_per_image=self.layout.patches,
         )
-        self.storage = np.float16 if builder.streamed else np.float32
-        normal_features = self.features(normals, "features of normal images", builder)
-        anomalous_features = self.features(anomalous, "features of anomalous images")
+        storage = np.float16 if builder.streamed else np.float32
+        normal_features = self.features(normals, "features of normal images", storage, builder)
+        anomalous_features = self.features(anomalous, "features of anomalous images", storage)
         bank, bank_origin = builder.build()
         log.info(
             "memory bank: %d of %d normal patches%s",
@@ -182,11 +180,9 @@ class _Trainer:
         ]
         normal_raw = np.array([region_raw_score(self.region, m) for m in normal_maps])
         anomalous_raw = np.array([region_raw_score(self.region, m) for m in anomalous_maps])
-        centre = choose_threshold(normal_raw, anomalous_raw, self.options.favour_recall)
-        model = TrainedModel(
-            self.layout, bank, centre, logistic_scale(normal_raw, centre), region=self.region
-        )
-        estimate = cross_validate(normal_raw, anomalous_raw, self.options.favour_recall, self.options.seed)
+        calibration = calibration_from_scores(normal_raw, anomalous_raw, options.favour_recall, options.seed)
+        estimate = calibration.estimate
+        model = TrainedModel(self.layout, bank, calibration.centre, calibration.scale, region=self.region)
         crossfitted = None
         head_training: HeadTraining | None = None
         if self.dataset.is_segmentation and anomalous:
