@@ -36,6 +36,8 @@ __all__ = [
 MANIFEST_NAME = "manifest.json"
 FORMAT_VERSION = 1
 MODEL_TYPES = ("classification", "segmentation")
+# Custom Labels models (lookout_edge/custom_labels.py) share the format but not the Edge Agent.
+LABEL_MODEL_TYPES = ("image-classification", "multi-label-classification", "object-localisation")
 MIN_SIDE = 64
 MAX_SIDE = 4096
 BACKGROUND_NAME = "background"
@@ -121,21 +123,26 @@ class ModelPackage:
 
     def verify_files(self) -> None:
         """Check every listed file's size and SHA-256; raise PackageError on the first mismatch."""
-        for entry in self.files:
-            try:
-                actual_size = entry.path.stat().st_size
-            except FileNotFoundError:
-                raise PackageError(f"{entry.path} is listed in the manifest but missing") from None
-            if actual_size != entry.size:
-                raise PackageError(
-                    f"{entry.path} is {actual_size} bytes, the manifest says {entry.size}: "
-                    "the package is incomplete or was modified; redeploy it"
-                )
-            if file_sha256(entry.path) != entry.sha256:
-                raise PackageError(
-                    f"{entry.path} does not match its SHA-256 in the manifest: "
-                    "the package is corrupt or was modified; redeploy it"
-                )
+        verify_package_files(self.files)
+
+
+def verify_package_files(files: tuple[PackageFile, ...]) -> None:
+    """Check every file's size and SHA-256 against the manifest; PackageError on the first mismatch."""
+    for entry in files:
+        try:
+            actual_size = entry.path.stat().st_size
+        except FileNotFoundError:
+            raise PackageError(f"{entry.path} is listed in the manifest but missing") from None
+        if actual_size != entry.size:
+            raise PackageError(
+                f"{entry.path} is {actual_size} bytes, the manifest says {entry.size}: "
+                "the package is incomplete or was modified; redeploy it"
+            )
+        if file_sha256(entry.path) != entry.sha256:
+            raise PackageError(
+                f"{entry.path} does not match its SHA-256 in the manifest: "
+                "the package is corrupt or was modified; redeploy it"
+            )
 
 
 def file_sha256(path: Path) -> str:
@@ -146,7 +153,7 @@ def file_sha256(path: Path) -> str:
     return digest.hexdigest()
 
 
-def _require(data: dict[str, Any], key: str, kind: type | tuple[type, ...], where: Path) -> Any:
+def require_key(data: dict[str, Any], key: str, kind: type | tuple[type, ...], where: Path) -> Any:
     if key not in data:
         raise PackageError(f"{where}: required key '{key}' is missing")
     value = data[key]
@@ -160,8 +167,8 @@ def _read_labels(data: dict[str, Any], manifest: Path) -> tuple[AnomalyLabel, ..
     for index, item in enumerate(data.get("labels", [])):
         if not isinstance(item, dict):
             raise PackageError(f"{manifest}: labels[{index}] must be an object with 'name' and 'color'")
-        name = _require(item, "name", str, manifest)
-        color = _require(item, "color", str, manifest)
+        name = require_key(item, "name", str, manifest)
+        color = require_key(item, "color", str, manifest)
         if not _HEX_COLOR.match(color):
             raise PackageError(f"{manifest}: label '{name}' has colour {color!r}; expected '#RRGGBB'")
         if name.lower() == BACKGROUND_NAME:
@@ -174,8 +181,8 @@ def _read_labels(data: dict[str, Any], manifest: Path) -> tuple[AnomalyLabel, ..
     return tuple(labels)
 
 
-def _read_files(data: dict[str, Any], directory: Path, manifest: Path) -> tuple[PackageFile, ...]:
-    files = _require(data, "files", dict, manifest)
+def read_package_files(data: dict[str, Any], directory: Path, manifest: Path) -> tuple[PackageFile, ...]:
+    files = require_key(data, "files", dict, manifest)
     entries = []
     for relative, info in sorted(files.items()):
         path = (directory / relative).resolve()
@@ -183,49 +190,59 @@ def _read_files(data: dict[str, Any], directory: Path, manifest: Path) -> tuple[
             raise PackageError(f"{manifest}: file '{relative}' lies outside the package directory")
         if not isinstance(info, dict):
             raise PackageError(f"{manifest}: files['{relative}'] must be an object with 'sha256' and 'size'")
-        sha = _require(info, "sha256", str, manifest)
-        size = _require(info, "size", int, manifest)
+        sha = require_key(info, "sha256", str, manifest)
+        size = require_key(info, "size", int, manifest)
         entries.append(PackageFile(path=path, sha256=sha.lower(), size=size))
     return tuple(entries)
 
 
-def read_package(directory: Path) -> ModelPackage:
-    """Parse and check a package's manifest (file digests are checked at load time)."""
-    manifest = directory / MANIFEST_NAME
+def read_manifest_object(manifest: Path) -> dict[str, Any]:
+    """A manifest's JSON object, its format version checked; PackageError for anything else."""
     try:
         data = json.loads(_read_manifest(manifest).decode("utf-8"))
     except (UnicodeDecodeError, json.JSONDecodeError) as exc:
         raise PackageError(f"{manifest} cannot be read as JSON: {exc}") from None
     if not isinstance(data, dict):
         raise PackageError(f"{manifest} must hold a JSON object")
-
-    version = _require(data, "format_version", int, manifest)
+    version = require_key(data, "format_version", int, manifest)
     if version != FORMAT_VERSION:
         raise PackageError(
             f"{manifest}: format_version {version} is not supported by this agent "
             f"(it reads {FORMAT_VERSION}); "
             "upgrade the agent or repackage the model"
         )
-    name = _require(data, "component_name", str, manifest)
+    return data
+
+
+def read_package(directory: Path) -> ModelPackage:
+    """Parse and check a package's manifest (file digests are checked at load time)."""
+    manifest = directory / MANIFEST_NAME
+    data = read_manifest_object(manifest)
+    name = require_key(data, "component_name", str, manifest)
     if not name:
         raise PackageError(f"{manifest}: component_name is empty")
-    model_type = _require(data, "model_type", str, manifest)
+    model_type = require_key(data, "model_type", str, manifest)
+    if model_type in LABEL_MODEL_TYPES:
+        raise PackageError(
+            f"{manifest}: model_type {model_type!r} is a Custom Labels model; "
+            "serve it with `lookout-edge rekognition` (docs/custom-labels.md)"
+        )
     if model_type not in MODEL_TYPES:
         raise PackageError(f"{manifest}: model_type {model_type!r} is not one of {', '.join(MODEL_TYPES)}")
-    image = _require(data, "image", dict, manifest)
-    width = _require(image, "width", int, manifest)
-    height = _require(image, "height", int, manifest)
+    image = require_key(data, "image", dict, manifest)
+    width = require_key(image, "width", int, manifest)
+    height = require_key(image, "height", int, manifest)
     for side, value in (("width", width), ("height", height)):
         if not MIN_SIDE <= value <= MAX_SIDE:
             raise PackageError(f"{manifest}: image {side} {value} is outside {MIN_SIDE}..{MAX_SIDE}")
-    threshold = _require(data, "threshold", (int, float), manifest)
+    threshold = require_key(data, "threshold", (int, float), manifest)
     if not 0.0 <= threshold <= 1.0:
         raise PackageError(f"{manifest}: threshold {threshold} is outside 0..1")
     labels = _read_labels(data, manifest)
     if model_type == "segmentation" and not labels:
         raise PackageError(f"{manifest}: a segmentation model needs at least one label")
-    files = _read_files(data, directory, manifest)
-    model_name = _require(data, "model_file", str, manifest)
+    files = read_package_files(data, directory, manifest)
+    model_name = require_key(data, "model_file", str, manifest)
     model_path = (directory / model_name).resolve()
     model_file = next((entry for entry in files if entry.path == model_path), None)
     if model_file is None:
@@ -387,16 +404,19 @@ def write_package(
     manifest: dict[str, Any],
     files: dict[str, bytes],
     model_file: str = "model.onnx",
+    check: Callable[[Path], object] | None = None,
 ) -> Path:
     """Write a package atomically: all of it appears at `directory`, or nothing changes.
 
     `manifest` holds every key but `format_version`, `model_file` and `files`, which are
-    filled in here (sizes and SHA-256 of `files`). An existing package at `directory` is
-    replaced. The package is assembled in a hidden sibling directory, which the agent
-    ignores, and renamed into place.
+    filled in here (sizes and SHA-256 of `files`). `check` reads the staged package back and
+    raises if it is not servable (default: `read_package`, the Edge Agent's reader). An
+    existing package at `directory` is replaced. The package is assembled in a hidden sibling
+    directory, which the agent ignores, and renamed into place.
     """
     if model_file not in files:
         raise PackageError(f"model file '{model_file}' is not among the files to write")
+    check = check or read_package
     directory = directory.resolve()
     directory.parent.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(prefix=f"{STAGING_PREFIX}{directory.name}.", dir=directory.parent))
@@ -409,7 +429,7 @@ def write_package(
         _write_synced(
             staging / MANIFEST_NAME, (json.dumps(document, indent=2, sort_keys=True) + "\n").encode()
         )
-        read_package(staging)  # never publish a package the agent would refuse
+        check(staging)  # never publish a package its server would refuse
         os.chmod(staging, 0o755)
         if directory.exists():
             retired = Path(

@@ -100,14 +100,14 @@ def parse_manifest(manifest: Path, s3_cache: Path | None = None) -> ParsedManife
     if not lines and not bad_json:
         problems.append(f"{manifest} has no JSON lines: add one line per image")
 
-    parser = _LineParser(manifest.parent, s3_cache or default_s3_cache())
+    parser = LineParser(manifest.parent, s3_cache or default_s3_cache())
     entries = [entry for number, data in lines if (entry := parser.parse(number, data)) is not None]
     for title, items in parser.problems.items():
         if items:
             problems.append(_listing(f"{manifest}: {len(items)} lines {title}", items))
 
     if not problems:  # no point downloading images for a manifest that must be fixed first
-        problems.extend(_fetch_s3(parser.s3_refs))
+        problems.extend(fetch_s3(parser.s3_refs))
     return ParsedManifest(tuple(entries), tuple(problems))
 
 
@@ -125,7 +125,7 @@ _PROBLEM_TITLES = {
 }
 
 
-class _LineParser:
+class LineParser:
     """Turns JSON objects into entries, collecting problems by kind so they are reported together."""
 
     def __init__(self, base: Path, s3_cache: Path) -> None:
@@ -143,7 +143,7 @@ class _LineParser:
         if not isinstance(source, str) or not source:
             self._report("no_source", where)
             return None
-        image = self._resolve(source, where)
+        image = self.resolve(source, where)
         is_anomalous = self._label(data, where)
         mask: Path | None = None
         labels: tuple[AnomalyLabel, ...] = ()
@@ -152,7 +152,7 @@ class _LineParser:
         if mask_key is not None:
             ref = data[mask_key]
             if isinstance(ref, str):
-                mask = self._resolve(ref, where)
+                mask = self.resolve(ref, where)
             else:
                 self._report("bad_ref", f"{where}: {mask_key} = {json.dumps(ref)}")
             color_map = data[f"{mask_key}-metadata"].get(COLOR_MAP_KEY)
@@ -200,7 +200,7 @@ class _LineParser:
                 labels.append(AnomalyLabel(name=name, color=color.upper()))
         return tuple(labels), background
 
-    def _resolve(self, ref: str, where: str) -> Path | None:
+    def resolve(self, ref: str, where: str) -> Path | None:
         if ref.startswith("s3://"):
             parsed = urlparse(ref)
             key = unquote(parsed.path.lstrip("/"))
@@ -239,7 +239,7 @@ def _pick_attribute(data: dict[str, Any], default: str, accept: Callable[[str], 
     return candidates[0] if len(candidates) == 1 else None
 
 
-def _fetch_s3(wanted: dict[str, Path]) -> list[str]:
+def fetch_s3(wanted: dict[str, Path]) -> list[str]:
     """Download the s3:// objects not cached yet; return a problem per object that could not be fetched.
 
     Cached objects are not fetched again: delete the cache folder to pick up changed objects.

@@ -1,0 +1,1 @@
+"""Tests of the Rekognition Custom Labels datasets, trainers and evaluation."""

@@ -1,0 +1,1 @@
+"""Rekognition Custom Labels: datasets, trainers and evaluation of image-level and object labels."""
