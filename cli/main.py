@@ -10,11 +10,21 @@ import os
 import sys
 from collections.abc import Sequence
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from PIL import Image
 
 from lookout_edge import DEFAULT_SOCKET, __version__
 from lookout_edge.agent.backends.base import ACCELERATORS
+from lookout_edge.trainer.labels.dataset import KINDS as LABEL_KINDS
+
+if TYPE_CHECKING:
+    from lookout_edge.trainer.progress import Progress
+
+
+# A box's keys in DetectCustomLabels' Geometry.BoundingBox, in the order of
+# lookout_edge.custom_labels' boxes.
+BOX_KEYS = ("Left", "Top", "Width", "Height")
 
 
 def _socket_default() -> str:
@@ -70,9 +80,22 @@ def _add_client_parsers(commands: argparse._SubParsersAction) -> None:
         if action == "start":
             sub.add_argument("--wait", type=float, metavar="SECONDS", help="wait until RUNNING (or fail)")
 
-    detect = commands.add_parser("detect", parents=[common], help="run DetectAnomalies on image files")
+    detect = commands.add_parser(
+        "detect",
+        parents=[common],
+        help="run DetectAnomalies on image files, or a Custom Labels model's DetectCustomLabels",
+    )
     detect.add_argument("images", nargs="+", type=Path, help="image files (any format Pillow reads)")
-    detect.add_argument("--model", required=True, help="model component name")
+    which = detect.add_mutually_exclusive_group(required=True)
+    which.add_argument("--model", help="anomaly model: its component name on the agent")
+    which.add_argument(
+        "--package", type=Path, help="Custom Labels model: its package directory, run in this process"
+    )
+    detect.add_argument(
+        "--min-confidence",
+        type=float,
+        help="Custom Labels: lowest confidence (0-100) to print; default each label's assumed threshold",
+    )
     detect.add_argument("--shm", action="store_true", help="pass images through shared memory")
     detect.add_argument("--mask-out", type=Path, help="write masks of segmentation models here as PNG")
 
@@ -83,14 +106,37 @@ def _add_trainer_parsers(commands: argparse._SubParsersAction) -> None:
         "dataset", type=Path, help="normal/ + anomaly/ folders, train/ + test/ folders, or a manifest"
     )
     train.add_argument("--out", type=Path, required=True, help="model package directory to write")
-    train.add_argument("--name", required=True, help="model component name clients will use")
+    train.add_argument(
+        "--kind",
+        choices=("anomaly", *LABEL_KINDS),
+        default="anomaly",
+        help="anomaly model (default), or a Custom Labels model: image classification, "
+        "multi-label classification or object localisation (docs/custom-labels.md)",
+    )
+    train.add_argument("--name", help="anomaly models: the model component name clients will use")
+    train.add_argument("--project", help="Custom Labels: the project name (default: the dataset's name)")
+    train.add_argument(
+        "--version-name", help="Custom Labels: the version name (default: <project>.<UTC time>)"
+    )
+    train.add_argument("--project-arn", help="Custom Labels: the project's ARN (default: made up)")
+    train.add_argument("--version-arn", help="Custom Labels: the version's ARN (default: made up)")
+    train.add_argument(
+        "--s3-root",
+        type=Path,
+        help="Custom Labels: a local mirror of S3; s3://BUCKET/KEY images are read from "
+        "S3_ROOT/BUCKET/KEY (missing ones are downloaded there with boto3)",
+    )
     train.add_argument(
         "--test", type=Path, help="a separate test dataset, evaluated beside the cross-validated estimate"
     )
     train.add_argument(
         "--favour-recall", action="store_true", help="threshold for recall (F2) rather than F1"
     )
-    train.add_argument("--short-side", type=int, default=256, help="network input short side (default 256)")
+    train.add_argument(
+        "--short-side",
+        type=int,
+        help="network input short side (default 256; Custom Labels localisation 320)",
+    )
     train.add_argument(
         "--seed", type=int, default=0, help="seed for the cross-validation and the coreset (default 0)"
     )
@@ -216,10 +262,17 @@ def _run_train(args: argparse.Namespace) -> int:
     from lookout_edge.trainer.progress import Progress
     from lookout_edge.trainer.train import TrainOptions, train
 
-    options = TrainOptions(
-        short_side=args.short_side, favour_recall=args.favour_recall, seed=args.seed, region=args.region
-    )
     progress = Progress(enabled=not args.json and sys.stderr.isatty())
+    if args.kind != "anomaly":
+        return _run_train_labels(args, progress)
+    if not args.name:
+        raise ValueError("an anomaly model needs --name, the component name clients will use")
+    options = TrainOptions(
+        short_side=args.short_side or 256,
+        favour_recall=args.favour_recall,
+        seed=args.seed,
+        region=args.region,
+    )
     result = train(args.dataset, args.out, args.name, args.test, options, progress)
     if args.json:
         print(
@@ -231,6 +284,45 @@ def _run_train(args: argparse.Namespace) -> int:
         print(f"model package written to {result.package} ({result.seconds['total']:.1f} s)")
         print("\n".join(summary_lines(result.evaluation)))
         print(f"report: {result.package / 'report.html'}")
+    return 0
+
+
+def _run_train_labels(args: argparse.Namespace, progress: Progress) -> int:
+    from lookout_edge.trainer.labels.dataset import load_label_dataset
+    from lookout_edge.trainer.labels.train import LabelTrainOptions, train_labels
+
+    dataset = load_label_dataset(
+        args.dataset, args.kind, test=args.test, s3_cache=args.s3_root, seed=args.seed
+    )
+    for warning in dataset.warnings:
+        print(f"lookout-edge train: warning: {warning}", file=sys.stderr)
+    project = args.project or (args.dataset.stem if args.dataset.is_file() else args.dataset.name)
+    options = LabelTrainOptions(
+        short_side=args.short_side, seed=args.seed, project_arn=args.project_arn, version_arn=args.version_arn
+    )
+    result = train_labels(dataset, args.out, project, args.version_name, options, progress)
+    if args.json:
+        print(
+            json.dumps(
+                {"package": str(result.package), "seconds": result.seconds, **result.summary}, indent=2
+            )
+        )
+        return 0
+    aggregate = result.summary["AggregatedEvaluationResults"]
+    print(f"model package written to {result.package} ({result.seconds['total']:.1f} s)")
+    print(
+        f"test images {result.summary['EvaluationDetails']['NumberOfTestingImages']}: "
+        f"F1 {aggregate['F1Score']:.3f}, precision {aggregate['Precision']:.3f}, "
+        f"recall {aggregate['Recall']:.3f}"
+        + (f", mAP {aggregate['AveragePrecision']:.3f}" if "AveragePrecision" in aggregate else "")
+    )
+    for row in result.summary["LabelEvaluationResults"]:
+        metrics = row["Metrics"]
+        print(
+            f"  {row['Label']}: F1 {metrics['F1Score']:.3f}, precision {metrics['Precision']:.3f}, "
+            f"recall {metrics['Recall']:.3f}, assumed threshold {100 * metrics['Threshold']:.1f}"
+        )
+    print(f"report: {result.package / 'report.html'}")
     return 0
 
 
@@ -289,6 +381,9 @@ def build_parser() -> argparse.ArgumentParser:
     _add_revision_parsers(commands)
     _add_camera_parser(commands)
     _add_package_parser(commands)
+    from lookout_edge.agent.rekognition import cli as rekognition
+
+    rekognition.add_parser(commands)
     return parser
 
 
@@ -338,8 +433,44 @@ def _run_models(args: argparse.Namespace) -> int:
     return 0
 
 
+def _run_detect_labels(args: argparse.Namespace) -> int:
+    """DetectCustomLabels in this process, printed as the endpoint would answer it."""
+    from lookout_edge.custom_labels import LabelModel, decode_image, read_label_package
+
+    if args.min_confidence is not None and not 0 <= args.min_confidence <= 100:
+        raise ValueError(f"--min-confidence {args.min_confidence} is outside 0..100")
+    model = LabelModel(read_label_package(args.package))
+    floor = None if args.min_confidence is None else args.min_confidence / 100
+    results = []
+    for path in args.images:
+        predictions = model.predict(decode_image(path.read_bytes()), floor)
+        labels = [
+            {"Name": p.name, "Confidence": round(100 * p.confidence, 3)}
+            | (
+                {}
+                if p.box is None
+                else {"Geometry": {"BoundingBox": dict(zip(BOX_KEYS, p.box, strict=True))}}
+            )
+            for p in predictions
+        ]
+        results.append({"image": str(path), "CustomLabels": labels})
+        if not args.json:
+            shown = [
+                f"{p.name} {100 * p.confidence:.1f}%"
+                + ("" if p.box is None else " at " + ",".join(f"{value:.3f}" for value in p.box))
+                for p in predictions
+            ]
+            print(f"{path}: " + ("; ".join(shown) or "no label"))
+    if args.json:
+        print(json.dumps(results, indent=2))
+    return 0
+
+
 def _run_detect(args: argparse.Namespace) -> int:
     from lookout_edge.client.edge_client import EdgeAgentClient
+
+    if args.package is not None:
+        return _run_detect_labels(args)
 
     if args.mask_out:
         args.mask_out.mkdir(parents=True, exist_ok=True)
@@ -383,6 +514,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         return _run_camera(args)
     if args.command == "package":
         return _run_package(args)
+    if args.command == "rekognition":
+        from lookout_edge.agent.rekognition import cli as rekognition
+
+        return rekognition.run(args)
     if args.command in ("train", "evaluate", "calibrate", "update"):
         logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
         try:

@@ -68,7 +68,7 @@ class ReportItem:
             if label_map.size and int(label_map.max()) > len(self.labels):
                 raise ValueError(f"{self.name}: label map value {int(label_map.max())} has no label")
         if self.image.shape[1] > THUMBNAIL_WIDTH:
-            object.__setattr__(self, "image", np.asarray(_thumbnail(self.image)))
+            object.__setattr__(self, "image", np.asarray(thumbnail(self.image)))
 
     @property
     def correct(self) -> bool:
@@ -102,23 +102,23 @@ def write_report(out_dir: Path, evaluation: Mapping[str, Any], items: Sequence[R
     document = {**evaluation, "results": [item.result() for item in items]}
     page = render_html(evaluation, items)
     out_dir.mkdir(parents=True, exist_ok=True)
-    _write_atomic(
+    write_atomic(
         out_dir / EVALUATION_NAME,
-        lambda stream: json.dump(document, stream, indent=2, allow_nan=False, default=_plain),
+        lambda stream: json.dump(document, stream, indent=2, allow_nan=False, default=plain_json),
     )
     report = out_dir / REPORT_NAME
-    _write_atomic(report, lambda stream: stream.write(page))
+    write_atomic(report, lambda stream: stream.write(page))
     return report
 
 
-def _plain(value: Any) -> Any:
+def plain_json(value: Any) -> Any:
     """Let numpy scalars and arrays through json.dump; anything else is a caller's mistake."""
     if isinstance(value, np.generic | np.ndarray):
         return value.tolist()
     raise TypeError(f"{type(value).__name__} is not JSON serialisable")
 
 
-def _write_atomic(path: Path, write: Callable[[IO[str]], object]) -> None:
+def write_atomic(path: Path, write: Callable[[IO[str]], object]) -> None:
     descriptor, temporary = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
     try:
         with os.fdopen(descriptor, "w", encoding="utf-8") as stream:
@@ -139,7 +139,7 @@ def render_html(evaluation: Mapping[str, Any], items: Sequence[ReportItem]) -> s
         "<!DOCTYPE html>",
         '<html lang="en"><head><meta charset="utf-8">',
         "<title>Model evaluation</title>",
-        f"<style>{_STYLE}</style></head><body>",
+        f"<style>{STYLE}</style></head><body>",
         "<h1>Model evaluation</h1>",
         "<h2>Model performance metrics</h2>",
         _summary_table(evaluation, len(items)),
@@ -164,7 +164,7 @@ def render_html(evaluation: Mapping[str, Any], items: Sequence[ReportItem]) -> s
     return "\n".join(parts)
 
 
-_STYLE = """
+STYLE = """
 body{font-family:system-ui,sans-serif;margin:1.5em;color:#222}
 table{border-collapse:collapse;margin-bottom:1em}
 th,td{border:1px solid #ccc;padding:.3em .7em;text-align:left}
@@ -289,16 +289,16 @@ def _histogram_svg(scores: Sequence[float], anomalous: Sequence[bool], threshold
 def _gallery_entry(item: ReportItem) -> str:
     status = "correct" if item.correct else "wrong"
     verdict = "✔ Correct" if item.correct else "✘ Wrong"
-    thumbnail = _thumbnail(item.image)
+    small = thumbnail(item.image)
     if item.region is not None:
-        thumbnail = _show_region(thumbnail, item.region)
+        small = _show_region(small, item.region)
     figures = []
     if item.is_segmentation:
         for caption, label_map in (("Predicted", item.label_map_pred), ("Ground truth", item.label_map_true)):
-            picture = thumbnail if label_map is None else _overlay(thumbnail, label_map, item.labels)
-            figures.append(_figure(picture, f"{caption} ({item.name})", caption))
+            picture = small if label_map is None else _overlay(small, label_map, item.labels)
+            figures.append(figure(picture, f"{caption} ({item.name})", caption))
     else:
-        figures.append(_figure(thumbnail, item.name, ""))
+        figures.append(figure(small, item.name, ""))
     details = [
         ("Ground truth", _kind(item.is_anomalous)),
         ("Prediction", _kind(item.predicted)),
@@ -333,15 +333,15 @@ def _legend(label_map: np.ndarray | None, labels: tuple[AnomalyLabel, ...]) -> s
     )
 
 
-def _figure(picture: Image.Image, alt: str, caption: str) -> str:
+def figure(picture: Image.Image, alt: str, caption: str) -> str:
     text = f"<figcaption>{caption}</figcaption>" if caption else ""
     return (
-        f'<figure><img src="data:image/jpeg;base64,{_jpeg_base64(picture)}" width="{picture.width}" '
+        f'<figure><img src="data:image/jpeg;base64,{jpeg_base64(picture)}" width="{picture.width}" '
         f'height="{picture.height}" alt="{html.escape(alt)}">{text}</figure>'
     )
 
 
-def _thumbnail(image: np.ndarray) -> Image.Image:
+def thumbnail(image: np.ndarray) -> Image.Image:
     height, width = image.shape[:2]
     size = (THUMBNAIL_WIDTH, max(1, round(height * THUMBNAIL_WIDTH / width)))
     return Image.fromarray(image).resize(size, Image.Resampling.BILINEAR, reducing_gap=2.0)
@@ -375,7 +375,7 @@ def _show_region(thumbnail: Image.Image, region: np.ndarray) -> Image.Image:
     return Image.fromarray(shown.astype(np.uint8))
 
 
-def _jpeg_base64(picture: Image.Image) -> str:
+def jpeg_base64(picture: Image.Image) -> str:
     buffer = io.BytesIO()
     picture.save(buffer, format="JPEG", quality=85)
     return base64.b64encode(buffer.getvalue()).decode("ascii")

@@ -83,6 +83,109 @@ def write_synthetic_dataset(
     return manifest
 
 
+LABEL_KINDS = ("classification", "multi-label", "localisation")
+# What each image of a Custom Labels set shows, in turn: one label per image for classification;
+# for multi-label and localisation also both defects at once.
+_LABEL_CYCLES = {
+    "classification": (("normal",), ("scratch",), ("missing",)),
+    "multi-label": (("normal",), ("scratch",), ("missing",), ("missing", "scratch")),
+    "localisation": ((), ("scratch",), ("missing",), ("missing", "scratch")),
+}
+
+
+_CLASS_IDS = {"normal": 0, "scratch": 1, "missing": 2}
+
+
+def write_label_dataset(
+    out_dir: Path,
+    kind: str,
+    images: int = 60,
+    size: tuple[int, int] = (256, 192),
+    seed: int = 0,
+) -> Path:
+    """A Custom Labels dataset of the same parts (docs/custom-labels.md): a Ground Truth manifest
+    in the Rekognition Custom Labels guide's format, written to `out_dir`; returns its path.
+
+    classification: `normal`, `scratch` or `missing`, one per image; multi-label: the same, or
+    both defects; localisation: a box around each defect (`scratch`, `missing`; normal parts
+    have none). `size` is (width, height). The same arguments always write the same bytes.
+    """
+    if kind not in _LABEL_CYCLES:
+        raise ValueError(f"kind {kind!r} is not one of {', '.join(LABEL_KINDS)}")
+    out_dir = Path(out_dir)
+    rng = np.random.default_rng(seed)
+    width, height = size
+    waves = rng.uniform([0.04, 0.04, 0.0], [0.25, 0.25, 2 * np.pi], size=(6, 3))
+    cycle = _LABEL_CYCLES[kind]
+    lines = []
+    for index in range(images):
+        names = cycle[index % len(cycle)]
+        pixels, part, background = _render_part(rng, waves, width, height)
+        boxes = []
+        for name in names:
+            if name == "scratch":
+                region = _scratch(rng, part, width, height)
+                pixels[region] *= rng.uniform(0.25, 0.4)
+            elif name == "missing":
+                region = _missing_piece(rng, part, width, height)
+                pixels[region] = background[region]
+            else:
+                continue
+            ys, xs = np.nonzero(region)
+            boxes.append((name, int(xs.min()), int(ys.min()), int(xs.max()) + 1, int(ys.max()) + 1))
+        image_ref = f"images/part-{index:04d}.png"
+        _save(pixels, out_dir / image_ref)
+        lines.append(_label_line(kind, image_ref, names, boxes, size))
+    manifest = out_dir / f"{kind}.manifest"
+    manifest.write_text("".join(json.dumps(line) + "\n" for line in lines), encoding="utf-8")
+    return manifest
+
+
+def _label_line(
+    kind: str,
+    image_ref: str,
+    names: tuple[str, ...],
+    boxes: list[tuple[str, int, int, int, int]],
+    size: tuple[int, int],
+) -> dict[str, Any]:
+    """One manifest line as the Custom Labels guide's examples write it."""
+    line: dict[str, Any] = {"source-ref": image_ref}
+    job = {"job-name": "labeling-job/synthetic", "human-annotated": "yes", "creation-date": _DATE}
+    if kind == "localisation":
+        class_map = {"0": "scratch", "1": "missing"}
+        ids = {name: int(key) for key, name in class_map.items()}
+        line["bounding-box"] = {
+            "image_size": [{"width": size[0], "height": size[1], "depth": 3}],
+            "annotations": [
+                {
+                    "class_id": ids[name],
+                    "left": left,
+                    "top": top,
+                    "width": right - left,
+                    "height": bottom - top,
+                }
+                for name, left, top, right, bottom in boxes
+            ],
+        }
+        line["bounding-box-metadata"] = {
+            "objects": [{"confidence": 1} for _ in boxes],
+            "class-map": class_map,
+            "type": "groundtruth/object-detection",
+            **job,
+        }
+        return line
+    for name in names:
+        attribute = "part-label" if kind == "classification" else f"part-{name}"
+        line[attribute] = _CLASS_IDS[name] if kind == "classification" else 1
+        line[f"{attribute}-metadata"] = {
+            "confidence": 1,
+            "class-name": name,
+            "type": "groundtruth/image-classification",
+            **job,
+        }
+    return line
+
+
 def _render_part(
     rng: np.random.Generator, waves: np.ndarray, width: int, height: int
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
