@@ -1,4 +1,4 @@
-"""`make components`: the agent and camera client components, ready to publish.
+"""`make components`: the agent, camera client and Custom Labels components, ready to publish.
 
     python -m lookout_edge.components.build --bucket BUCKET [--prefix PREFIX] [--out build/greengrass]
         [--offline x86_64 --offline aarch64 [--offline-python 3.10] [--offline-glibc 2.28]]
@@ -30,6 +30,7 @@ ROOT = Path(__file__).resolve().parent.parent
 AGENT = "lookout_edge.EdgeAgent"
 CAMERA_CLIENT = "lookout_edge.CameraClient"
 EXAMPLE_CLIENT = "lookout_edge.ExampleClient"
+CUSTOM_LABELS = "lookout_edge.CustomLabels"
 WHEEL_NAME = f"lookout_edge-{__version__}-py3-none-any.whl"
 # The pip platform tag of each Greengrass architecture, for offline bundles.
 _BUNDLE_ARCHITECTURES = {"x86_64": "amd64", "aarch64": "aarch64"}
@@ -116,19 +117,22 @@ def build_components(
     offline_glibc: str = DEFAULT_GLIBC,
     camera_models: Sequence[tuple[str, str]] = (),
 ) -> list[Path]:
-    """Build the agent and camera client components into `out`; return the recipes written.
+    """Build the agent, camera client and Custom Labels endpoint components into `out`; return
+    the recipes written.
 
     `camera_models` (name, version) become HARD dependencies of the camera client, so that
     Greengrass deploys those model components with it and starts it once their packages are in place.
     """
     artifacts = out / "artifacts"
     agent_dir = artifacts / AGENT / __version__
-    camera_dir = artifacts / CAMERA_CLIENT / __version__
-    for directory in (agent_dir, camera_dir):
+    # The other components install the same wheel, each from its own artifact folder.
+    other_dirs = [artifacts / name / __version__ for name in (CAMERA_CLIENT, CUSTOM_LABELS)]
+    for directory in (agent_dir, *other_dirs):
         shutil.rmtree(directory, ignore_errors=True)
     wheel = build_wheel(agent_dir)
-    camera_dir.mkdir(parents=True)
-    shutil.copy2(wheel, camera_dir / WHEEL_NAME)
+    for directory in other_dirs:
+        directory.mkdir(parents=True)
+        shutil.copy2(wheel, directory / WHEEL_NAME)
     bundles = [
         build_offline_bundle(wheel, agent_dir, a, offline_python, offline_glibc) for a in offline_archs
     ]
@@ -146,9 +150,10 @@ def build_components(
             "VersionRequirement": f">={version}",
             "DependencyType": "HARD",
         }
+    custom_labels = render(load_template(f"{CUSTOM_LABELS}.yaml"), {"VERSION": __version__})
     return [
         write_recipe(attach_artifacts(recipe, artifacts, bucket, prefix), out / "recipes")
-        for recipe in (agent, camera)
+        for recipe in (agent, camera, custom_labels)
     ]
 
 

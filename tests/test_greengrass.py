@@ -4,10 +4,12 @@ and the built agent, model and client components run their lifecycles as the nuc
 from __future__ import annotations
 
 import copy
+import io
 import json
 import os
 import platform
 import shutil
+import socket
 import subprocess
 import sys
 import sysconfig
@@ -16,6 +18,7 @@ import zipfile
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import pytest
 import yaml
@@ -27,6 +30,7 @@ from lookout_edge.client.edge_client import EdgeAgentClient
 from lookout_edge.components.build import (
     AGENT,
     CAMERA_CLIENT,
+    CUSTOM_LABELS,
     EXAMPLE_CLIENT,
     build_components,
     build_example_client,
@@ -87,7 +91,7 @@ def built(tmp_path_factory: pytest.TempPathFactory) -> Built:
 
 
 def test_built_recipes_pass_the_schema_and_the_project_checks(built: Built) -> None:
-    assert set(built.recipes) == {AGENT, CAMERA_CLIENT, EXAMPLE_CLIENT, MODEL}
+    assert set(built.recipes) == {AGENT, CAMERA_CLIENT, CUSTOM_LABELS, EXAMPLE_CLIENT, MODEL}
     assert check_recipes(built.out / "recipes", built.out / "artifacts") == {
         f"{name}-{recipe['ComponentVersion']}.json": [] for name, recipe in built.recipes.items()
     }
@@ -389,6 +393,55 @@ def test_components_run_their_lifecycles_as_the_nucleus_would(nucleus: Nucleus, 
         assert not Path(socket.removeprefix("unix://")).exists()
     finally:
         shutil.rmtree(sock_dir, ignore_errors=True)
+
+
+@pytest.mark.slow
+def test_custom_labels_component_serves_boto3(nucleus: Nucleus, built: Built) -> None:
+    """The endpoint component runs `lookout-edge rekognition` on its models folder; a model
+    package put there is a project that boto3 starts and detects with."""
+    boto3 = pytest.importorskip("boto3")
+    from tests.rekognition.label_models import write_label_package
+
+    port = _free_port()
+    nucleus.deploy([CUSTOM_LABELS], {CUSTOM_LABELS: {**LOCAL_INSTALL, "Address": f"127.0.0.1:{port}"}})
+    models = nucleus.paths(CUSTOM_LABELS)["work:path"] / "models"
+    package = write_label_package(models / "colours", "classification", "colours", "colours.v1")
+    client = boto3.client(
+        "rekognition",
+        endpoint_url=f"http://127.0.0.1:{port}",
+        region_name="us-east-1",
+        aws_access_key_id="AKIDEXAMPLE",
+        aws_secret_access_key="secret",
+    )
+    _wait_for(lambda: _answers(client), 30, "the endpoint to answer")
+    arn = package.model_arn
+    client.start_project_version(ProjectVersionArn=arn, MinInferenceUnits=1)
+    client.get_waiter("project_version_running").wait(
+        ProjectArn=package.project_arn, VersionNames=[package.version_name], WaiterConfig={"Delay": 1}
+    )
+    image = io.BytesIO()
+    Image.new("RGB", (96, 96), (250, 10, 10)).save(image, format="PNG")
+    labels = client.detect_custom_labels(ProjectVersionArn=arn, Image={"Bytes": image.getvalue()})[
+        "CustomLabels"
+    ]
+    assert labels[0]["Name"] == "red"
+    process = nucleus.components[CUSTOM_LABELS].run
+    nucleus.remove(CUSTOM_LABELS)
+    assert process is not None and process.returncode == 0
+
+
+def _free_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return int(probe.getsockname()[1])
+
+
+def _answers(client: Any) -> bool:
+    try:
+        client.describe_projects()
+    except Exception:  # not listening yet
+        return False
+    return True
 
 
 def _statuses(agent: EdgeAgentClient) -> list[tuple[str, str]]:

@@ -1,0 +1,105 @@
+"""CreateProjectVersion: training in a subprocess, its outcome as the version's status."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import pytest
+from botocore.exceptions import ClientError, WaiterError
+from PIL import Image
+
+from tests.rekognition.conftest import Endpoint
+from tests.rekognition.label_models import colour_image
+
+
+def wait_trained(client: Any, project_arn: str, version: str, attempts: int = 400) -> None:
+    client.get_waiter("project_version_training_completed").wait(
+        ProjectArn=project_arn, VersionNames=[version], WaiterConfig={"Delay": 0.1, "MaxAttempts": attempts}
+    )
+
+
+def write_manifest(folder: Path, images: int = 6) -> None:
+    """A classification manifest of red and blue images, refs relative to its folder."""
+    folder.mkdir(parents=True, exist_ok=True)
+    lines = []
+    for index in range(images):
+        shade = 20 + 3 * index  # distinct images: the loader refuses duplicates
+        label, colour = ("red", (230, shade, 20)) if index % 2 == 0 else ("blue", (20, shade, 230))
+        Image.fromarray(colour_image(colour)).save(folder / f"{index}.png")
+        lines.append(
+            {
+                "source-ref": f"{index}.png",
+                "colour": 1,
+                "colour-metadata": {
+                    "class-name": label,
+                    "type": "groundtruth/image-classification",
+                    "confidence": 1,
+                },
+            }
+        )
+    (folder / "train.manifest").write_text("".join(json.dumps(line) + "\n" for line in lines))
+
+
+def create(client: Any, project_arn: str, version: str, name: str = "data/train.manifest") -> str:
+    arn: str = client.create_project_version(
+        ProjectArn=project_arn,
+        VersionName=version,
+        OutputConfig={"S3Bucket": "bucket", "S3KeyPrefix": "output/"},
+        TrainingData={"Assets": [{"GroundTruthManifest": {"S3Object": {"Bucket": "bucket", "Name": name}}}]},
+        TestingData={"AutoCreate": True},
+    )["ProjectVersionArn"]
+    return arn
+
+
+def test_bad_training_data_fails_the_training_not_the_request(fresh_endpoint: Any) -> None:
+    served: Endpoint = fresh_endpoint()
+    client = served.client()
+    project_arn = client.create_project(ProjectName="trained")["ProjectArn"]
+    arn = create(client, project_arn, "trained.missing", "data/missing.manifest")
+    assert "/version/trained.missing/" in arn
+    with pytest.raises(WaiterError):
+        wait_trained(client, project_arn, "trained.missing")
+    description = client.describe_project_versions(ProjectArn=project_arn)["ProjectVersionDescriptions"][0]
+    assert description["Status"] == "TRAINING_FAILED" and "missing.manifest" in description["StatusMessage"]
+    assert description["OutputConfig"] == {"S3Bucket": "bucket", "S3KeyPrefix": "output/"}
+    with pytest.raises(ClientError) as caught:
+        create(client, project_arn, "trained.missing")
+    assert caught.value.response["Error"]["Code"] == "ResourceInUseException"
+    with pytest.raises(ClientError) as caught:
+        client.start_project_version(ProjectVersionArn=arn, MinInferenceUnits=1)
+    assert caught.value.response["Error"]["Code"] == "ResourceInUseException"
+    with pytest.raises(ClientError) as caught:
+        create(client, project_arn.replace("trained", "nothing"), "v1")
+    assert caught.value.response["Error"]["Code"] == "ResourceNotFoundException"
+
+
+def test_create_project_version_trains_a_model_that_then_serves(fresh_endpoint: Any) -> None:
+    served: Endpoint = fresh_endpoint()
+    write_manifest(served.s3_root / "bucket" / "data")
+    client = served.client()
+    project_arn = client.create_project(ProjectName="trained")["ProjectArn"]
+    arn = create(client, project_arn, "trained.v1")
+    described = client.describe_project_versions(ProjectArn=project_arn)["ProjectVersionDescriptions"][0]
+    assert described["Status"] in ("TRAINING_IN_PROGRESS", "TRAINING_COMPLETED")
+    try:
+        wait_trained(client, project_arn, "trained.v1", attempts=1200)
+    except WaiterError:
+        description = client.describe_project_versions(ProjectArn=project_arn)["ProjectVersionDescriptions"][
+            0
+        ]
+        pytest.fail(f"training failed: {description['StatusMessage']}")
+    client.start_project_version(ProjectVersionArn=arn, MinInferenceUnits=1)
+    client.get_waiter("project_version_running").wait(
+        ProjectArn=project_arn, VersionNames=["trained.v1"], WaiterConfig={"Delay": 0.1, "MaxAttempts": 300}
+    )
+    image = served.s3_root / "bucket" / "data" / "0.png"
+    labels = client.detect_custom_labels(ProjectVersionArn=arn, Image={"Bytes": image.read_bytes()})[
+        "CustomLabels"
+    ]
+    assert labels[0]["Name"] == "red"
+    # The package the trainer wrote carries the ARNs CreateProjectVersion answered with.
+    (package,) = [p for p in served.models_dir.iterdir() if p.name.startswith("trained@")]
+    manifest = json.loads((package / "manifest.json").read_text())
+    assert (manifest["model_arn"], manifest["project_arn"]) == (arn, project_arn)
