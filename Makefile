@@ -55,6 +55,7 @@ bench: setup
 	$(PY) bench/bench_soak.py
 	$(PY) bench/bench_scale.py
 	$(PY) bench/bench_quality.py $(QUALITY_ARGS)
+	$(PY) bench/bench_custom_labels.py
 
 clean:
 	rm -rf $(VENV) build *.egg-info .pytest_cache .mypy_cache .ruff_cache

@@ -22,11 +22,9 @@ import argparse
 import json
 import shutil
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
-import zipfile
 from pathlib import Path
 from typing import Any
 
@@ -36,11 +34,11 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 from bench.bench_agent import save_results  # noqa: E402
+from bench.elpv import elpv_cells  # noqa: E402
 from lookout_edge.trainer.metrics import auroc, classification_metrics, threshold_max_f1  # noqa: E402
 from lookout_edge.trainer.train import TrainOptions, train  # noqa: E402
 
 COOKIES = ROOT.parent / "shared" / "datasets" / "cookies"
-ELPV_DIR = ROOT / "build" / "elpv"
 ELPV_TRAIN = (30, 10)
 ELPV_TEST = (100, 100)
 COOKIES_TEST = (10, 16)
@@ -59,24 +57,9 @@ def best_f1(labels: np.ndarray, scores: np.ndarray) -> float:
 
 
 def elpv_images() -> tuple[list[Path], list[Path]]:
-    """(normal, anomalous) monocrystalline cell images, downloaded and unpacked once."""
-    images = ELPV_DIR / "elpv_dataset" / "data"
-    if not (images / "labels.csv").is_file():
-        wheels = sorted(ELPV_DIR.glob("elpv_dataset-*.whl"))
-        if not wheels:
-            subprocess.run(
-                [sys.executable, "-m", "pip", "download", "--no-deps", "-d", str(ELPV_DIR), "elpv-dataset"],
-                check=True,
-            )
-            wheels = sorted(ELPV_DIR.glob("elpv_dataset-*.whl"))
-        with zipfile.ZipFile(wheels[-1]) as wheel:
-            wheel.extractall(ELPV_DIR, [n for n in wheel.namelist() if n.startswith("elpv_dataset/data/")])
-    normal, anomalous = [], []
-    for line in (images / "labels.csv").read_text().splitlines():
-        name, probability, kind = line.split()
-        if kind == "mono" and float(probability) in (0.0, 1.0):
-            (anomalous if float(probability) == 1.0 else normal).append(images / name)
-    return normal, anomalous
+    """(normal, anomalous) monocrystalline cell images: probability 0 and 1."""
+    cells = elpv_cells("mono")
+    return [path for path, p in cells if p == 0.0], [path for path, p in cells if p == 1.0]
 
 
 def link_folder(root: Path, normal: list[Path], anomalous: list[Path]) -> Path:
