@@ -196,6 +196,25 @@ def summarise(name: str, rows: list[dict[str, Any]]) -> dict[str, Any]:
     return summary
 
 
+def manifest_splits(
+    name: str, lines: list[dict[str, Any]], keys: list[str], kind: str, work: Path, splits: int
+) -> dict[str, Any]:
+    """Train and test on seeded splits of manifest `lines`, stratified by `keys`."""
+    rows = []
+    for seed in range(splits):
+        train, test = stratified_split(keys, seed)
+        folder = work.with_name(f"{work.name}-{seed}")
+        row = run(
+            write_manifest(folder / "train.manifest", [lines[i] for i in train]),
+            write_manifest(folder / "test.manifest", [lines[i] for i in test]),
+            folder / "package",
+            kind,
+        )
+        show(name, seed, row)
+        rows.append(row)
+    return summarise(name, rows)
+
+
 def elpv(work: Path, splits: int) -> dict[str, Any]:
     cells = elpv_cells("mono")
     names = list(GRADES.values())
@@ -203,19 +222,7 @@ def elpv(work: Path, splits: int) -> dict[str, Any]:
     lines = [
         classification_line(str(path), grade, names) for (path, _), grade in zip(cells, grades, strict=True)
     ]
-    rows = []
-    for seed in range(splits):
-        train, test = stratified_split(grades, seed)
-        folder = work / f"elpv-{seed}"
-        row = run(
-            write_manifest(folder / "train.manifest", [lines[i] for i in train]),
-            write_manifest(folder / "test.manifest", [lines[i] for i in test]),
-            folder / "package",
-            "classification",
-        )
-        show("elpv grades", seed, row)
-        rows.append(row)
-    return summarise("elpv grades", rows)
+    return manifest_splits("elpv grades", lines, grades, "classification", work / "elpv", splits)
 
 
 def synthetic(work: Path, kind: str, splits: int) -> dict[str, Any]:
@@ -236,19 +243,7 @@ def synthetic(work: Path, kind: str, splits: int) -> dict[str, Any]:
 def cookies(work: Path, splits: int) -> dict[str, Any]:
     lines = cookies_box_lines()
     keys = ["cracked" if line["bounding-box"]["annotations"] else "none" for line in lines]
-    rows = []
-    for seed in range(splits):
-        train, test = stratified_split(keys, seed)
-        folder = work / f"cookies-{seed}"
-        row = run(
-            write_manifest(folder / "train.manifest", [lines[i] for i in train]),
-            write_manifest(folder / "test.manifest", [lines[i] for i in test]),
-            folder / "package",
-            "localisation",
-        )
-        show("cookies boxes", seed, row)
-        rows.append(row)
-    return summarise("cookies boxes", rows)
+    return manifest_splits("cookies boxes", lines, keys, "localisation", work / "cookies", splits)
 
 
 def _free_port() -> int:

@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-
 import numpy as np
 import pytest
 
@@ -15,6 +13,7 @@ from lookout_edge.trainer.labels.box_metrics import (
     evaluate_boxes,
     match_label,
 )
+from lookout_edge.trainer.labels.dataset import Box
 
 A = (0.1, 0.1, 0.2, 0.2)
 B = (0.6, 0.6, 0.3, 0.2)
@@ -158,13 +157,6 @@ def test_nothing_to_find_and_nothing_found() -> None:
 
 
 def test_truth_from_pixels() -> None:
-    @dataclass(frozen=True)
-    class Box:
-        label: str
-        left: float
-        top: float
-        width: float
-        height: float
 
     truth = TruthBox.from_pixels(Box("dent", 32, 24, 64, 48), 320, 240)
     assert truth == TruthBox("dent", (0.1, 0.1, 0.2, 0.2))

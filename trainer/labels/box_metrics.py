@@ -23,31 +23,16 @@ from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
-from typing import Protocol
 
 import numpy as np
 
 from lookout_edge.custom_labels import Prediction, box_iou
+from lookout_edge.trainer.labels.dataset import Box
 
 MATCH_IOU = 0.5
 RECALL_IOUS = tuple(round(0.5 + 0.05 * step, 2) for step in range(10))
 
 Rectangle = tuple[float, float, float, float]  # left, top, width, height
-
-
-class PixelBox(Protocol):
-    """A ground-truth box in pixels (trainer/labels/dataset.py's Box has this shape)."""
-
-    @property
-    def label(self) -> str: ...
-    @property
-    def left(self) -> float: ...
-    @property
-    def top(self) -> float: ...
-    @property
-    def width(self) -> float: ...
-    @property
-    def height(self) -> float: ...
 
 
 @dataclass(frozen=True)
@@ -58,7 +43,7 @@ class TruthBox:
     box: Rectangle
 
     @classmethod
-    def from_pixels(cls, box: PixelBox, image_width: int, image_height: int) -> TruthBox:
+    def from_pixels(cls, box: Box, image_width: int, image_height: int) -> TruthBox:
         """The box of a dataset image in fractions, so that it compares with a graph's predictions."""
         return cls(
             box.label,

@@ -17,7 +17,7 @@
 Without a test set the training images are split 80/20 as the guide does, stratified by label.
 
 The rules, from « マニフェストファイルの検証ルール », the JSON-line errors and « ガイドラインとクォータ »
-(numbers are line numbers of the Japanese guide, /work/shared/seeds/002_d8d439cc12778442.txt):
+(numbers are line numbers of the Japanese guide, ../shared/seeds/002_d8d439cc12778442.txt):
 
 - line-level errors (the line, or file of a folder, is invalid): invalid JSON, blank lines included
   (3363, 6536); no ``source-ref`` (6252) or one of another scheme (6269); an attribute without its
@@ -43,6 +43,17 @@ The rules, from « マニフェストファイルの検証ルール », the JSON
 - the automatic split gives every label of 2 images or more at least one test image; a test set without
   the minimum labels is refused (6024).
 
+Where the guide contradicts itself or is silent, we chose:
+
+- minimum labels: the quotas (2 for image-level sets, 1 for localisation; 16510-16511) over the
+  validation table's 2 for both (3370) and line 6181's reverse;
+- sizes and aspect ratio: the quotas' inclusive 64…4096 px and 20:1 over "larger than 64" and
+  "under 20:1" (6570-6574); 15 MB read as 15 MiB; the 1280 px training resize keeps the aspect ratio;
+- localisation images without boxes are kept as negative images (the quotas allow 0 boxes, 16520),
+  though 6915-6965 calls them unused; an image twice in one set is an error;
+- not enforced: ``human-annotated`` and ``creation-date`` (marked required), and the test quota of
+  1,000 images per label (16540).
+
 Loading reads every image (header and bytes, for the duplicate checks) and writes nothing but the local
 copies of ``s3://`` images. Every problem of a stage is collected before `LabelDatasetError` is raised.
 """
@@ -65,6 +76,7 @@ import numpy as np
 from PIL import Image
 
 from lookout_edge.images import to_rgb888
+from lookout_edge.trainer.datasets import DatasetError
 from lookout_edge.trainer.groundtruth import SOURCE_REF, LineParser, default_s3_cache, fetch_s3
 
 KINDS = ("classification", "multi-label", "localisation")
@@ -89,12 +101,9 @@ _RESERVED_KEYS = frozenset({"errors", "warnings", "cl-errors", "cl-metadata"})
 _METADATA = "-metadata"
 
 
-class LabelDatasetError(ValueError):
-    """A dataset that cannot be used; `problems` holds one message per kind of problem, naming offenders."""
-
-    def __init__(self, problems: Sequence[str]) -> None:
-        self.problems = tuple(problems)
-        super().__init__("the dataset cannot be used:\n" + "\n".join(f"- {p}" for p in self.problems))
+class LabelDatasetError(DatasetError):
+    """A Custom Labels dataset that cannot be used; `problems` holds one message per kind of
+    problem, naming its offenders (as for the anomaly trainer's datasets)."""
 
 
 @dataclass(frozen=True)

@@ -31,7 +31,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Any, Protocol
+from typing import Any
 
 import numpy as np
 import onnx
@@ -42,6 +42,7 @@ from lookout_edge.contract import INPUT_NAME
 from lookout_edge.custom_labels import BOX_SCORES_OUTPUT, BOXES_OUTPUT, fit_image
 from lookout_edge.trainer.architecture import NETWORK_STRIDE, STAGES, feature_name, stage_stride
 from lookout_edge.trainer.backbone import build_backbone_graph
+from lookout_edge.trainer.labels.dataset import Box
 
 DETAIL_STAGE, CELL_STAGE, CONTEXT_STAGE = 2, 4, 6
 CELL_STRIDE = stage_stride(CELL_STAGE)  # 16
@@ -59,21 +60,6 @@ STEPS = 300
 LEARNING_RATE = 0.01
 RIDGE = 300.0  # strong: distances learnt from a few hundred cells of a few dozen boxes
 MAX_LOG_DISTANCE = 6.0  # exp(6) = 403 cells: keeps a wild input from overflowing
-
-
-class PixelBox(Protocol):
-    """A box in the pixels of its image (trainer/labels/dataset.py's Box)."""
-
-    @property
-    def label(self) -> str: ...
-    @property
-    def left(self) -> float: ...
-    @property
-    def top(self) -> float: ...
-    @property
-    def width(self) -> float: ...
-    @property
-    def height(self) -> float: ...
 
 
 Fractions = tuple[str, float, float, float, float]  # label, left, top, width, height of the image
@@ -256,7 +242,7 @@ def fit_distances(x: np.ndarray, targets: np.ndarray) -> tuple[np.ndarray, np.nd
     return weight.astype(np.float32), (mean - x.mean(axis=0) @ weight).astype(np.float32)
 
 
-def _fractions(box: PixelBox, width: int, height: int) -> Fractions:
+def _fractions(box: Box, width: int, height: int) -> Fractions:
     return (box.label, box.left / width, box.top / height, box.width / width, box.height / height)
 
 
@@ -337,7 +323,7 @@ def _append_head(model: onnx.ModelProto, head: BoxHead, grid: CellGrid) -> None:
 
 
 def train_localiser(
-    samples: Sequence[tuple[np.ndarray, Sequence[PixelBox]]],
+    samples: Sequence[tuple[np.ndarray, Sequence[Box]]],
     labels: tuple[str, ...],
     size: tuple[int, int],
     weights: dict[str, np.ndarray],

@@ -14,6 +14,7 @@ at run time, is resized to it by `lookout_edge.custom_labels.fit_image`.
 
 from __future__ import annotations
 
+import json
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -43,7 +44,7 @@ from lookout_edge.package import write_package
 from lookout_edge.trainer.features import network_size_for
 from lookout_edge.trainer.labels.box_metrics import TruthBox, evaluate_boxes
 from lookout_edge.trainer.labels.classify import train_classifier
-from lookout_edge.trainer.labels.dataset import LabelDataset, LabelledImage, read_rgb
+from lookout_edge.trainer.labels.dataset import Box, LabelDataset, LabelledImage, read_rgb
 from lookout_edge.trainer.labels.evaluation import (
     LabelMetrics,
     classification_metrics,
@@ -205,10 +206,10 @@ def train_labels(
     return LabelTrainResult(package, summary, seconds)
 
 
-def _scaled(box: Any, image: LabelledImage, width: int, height: int) -> Any:
+def _scaled(box: Box, image: LabelledImage, width: int, height: int) -> Box:
     """A box in the pixels of the image resized to the graph's input."""
     sx, sy = width / image.width, height / image.height
-    return type(box)(box.label, box.left * sx, box.top * sy, box.width * sx, box.height * sy)
+    return Box(box.label, box.left * sx, box.top * sy, box.width * sx, box.height * sy)
 
 
 def _session(graph: onnx.ModelProto) -> ort.InferenceSession:
@@ -254,6 +255,4 @@ def _box_evaluation(
 
 
 def _json_bytes(document: dict[str, Any]) -> bytes:
-    import json
-
     return (json.dumps(document, indent=2, allow_nan=False) + "\n").encode("utf-8")
