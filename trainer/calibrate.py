@@ -52,8 +52,9 @@ from lookout_edge.trainer.datasets import Dataset, DatasetError, Sample, load_da
 from lookout_edge.trainer.evaluate import evaluate_model, label_remap
 from lookout_edge.trainer.export import TrainedModel, build_model_graph
 from lookout_edge.trainer.features import FeatureExtractor, FeatureLayout
+from lookout_edge.trainer.normalise import fit_normalisation
 from lookout_edge.trainer.patchcore import anomaly_grid, calibrated_score, greedy_coreset
-from lookout_edge.trainer.region import REGION_FILE, mask_pixel_maps, region_raw_score
+from lookout_edge.trainer.region import REGION_FILE, mask_pixel_maps
 from lookout_edge.trainer.segmentation import (
     SegmentationHead,
     best_pixel_threshold,
@@ -70,7 +71,7 @@ from lookout_edge.trainer.state import (
     save_state,
 )
 from lookout_edge.trainer.threshold import Estimate, calibration_from_scores, estimate_metrics
-from lookout_edge.trainer.train import NORMAL_PATCH_STRIDE
+from lookout_edge.trainer.train import NORMAL_PATCH_STRIDE, anomalous_head_patches
 from lookout_edge.trainer.weights import load_pretrained_weights
 
 _VERSION = re.compile(r"([:/])(\d+)$")
@@ -224,15 +225,14 @@ def _self_check(
 ) -> tuple[dict[str, Any], dict[str, bytes]]:
     """Fresh self-check references for the new graph, chosen among the given images by their
     out-of-fold scores under the new model (trainer/selfcheck.py)."""
-    raw = []
-    for image in images:
-        excluded = state.excluded_rows(image.digest)
-        raw.append(
-            region_raw_score(
-                model.region, anomaly_grid(image.features, model.bank, model.layout.grid, excluded)
-            )
-        )
-    scores = calibrated_score(np.array(raw), model.centre, model.scale)
+    grid = model.layout.grid
+    raw = model.raw_scores(
+        [
+            anomaly_grid(image.features, model.bank, grid, state.excluded_rows(image.digest))
+            for image in images
+        ]
+    )
+    scores = calibrated_score(raw, model.centre, model.scale)
     picked = choose_references(list(scores), [image.sample.is_anomalous for image in images])
     if not picked:
         raise DatasetError(
@@ -264,11 +264,12 @@ def calibrate(
         )
     images = source.images(dataset)
     grid = model.layout.grid
+    # Blurred maps; scores and masks apply the stored normalisation, as the graph does.
     maps = [anomaly_grid(i.features, model.bank, grid, state.excluded_rows(i.digest)) for i in images]
     normal = [index for index, image in enumerate(images) if not image.sample.is_anomalous]
     anomalous = [index for index, image in enumerate(images) if image.sample.is_anomalous]
-    normal_raw = np.array([region_raw_score(model.region, maps[i]) for i in normal])
-    anomalous_raw = np.array([region_raw_score(model.region, maps[i]) for i in anomalous])
+    normal_raw = model.raw_scores([maps[i] for i in normal])
+    anomalous_raw = model.raw_scores([maps[i] for i in anomalous])
     recall = bool(state.options["favour_recall"]) if favour_recall is None else favour_recall
     seed = int(state.options["seed"])
     calibration = calibration_from_scores(normal_raw, anomalous_raw, recall, seed)
@@ -277,7 +278,7 @@ def calibrate(
     pixel_note = "kept: the model has no segmentation head"
     if head is not None:
         pixel_threshold = _pixel_threshold(
-            source, dataset, [images[i] for i in anomalous], [maps[i] for i in anomalous]
+            source, dataset, [images[i] for i in anomalous], [model.normalised(maps[i]) for i in anomalous]
         )
         if pixel_threshold is None:
             pixel_note = "kept: the dataset has no anomalous images with masks"
@@ -314,8 +315,9 @@ def calibrate(
 def _pixel_threshold(
     source: _Source, dataset: Dataset, anomalous: list[_Image], maps: list[np.ndarray]
 ) -> float | None:
-    """The pixel threshold for the best mean IoU on the anomalous images' masks, each mask predicted
-    by a head that did not train on it (the cross-fitting head for a training image)."""
+    """The pixel threshold for the best mean IoU on the anomalous images' masks (`maps`: their
+    normalised grid maps), each mask predicted by a head that did not train on it (the
+    cross-fitting head for a training image)."""
     state, model = source.state, source.state.model
     head = model.head
     if head is None or not dataset.is_segmentation or not anomalous:
@@ -425,32 +427,69 @@ def _added(
         size = min(int(options["coreset_max"]), max(1, int(total * float(options["coreset_ratio"]))))
         chosen = greedy_coreset(patches, size, int(options["seed"]))
         bank, origin = patches[chosen], origin[chosen]
-    normal_maps = [
-        anomaly_grid(image.features, bank, grid, excluded=origin == first_new + index)
-        for index, image in enumerate(normals)
-    ]
-    anomalous_maps = [anomaly_grid(image.features, bank, grid) for image in anomalous]
-    head, training = model.head, state.head_training
+    normal_grids = np.array(
+        [
+            anomaly_grid(image.features, bank, grid, excluded=origin == first_new + index)
+            for index, image in enumerate(normals)
+        ],
+        np.float32,
+    ).reshape(len(normals), *grid)
+    anomalous_grids = np.array(
+        [anomaly_grid(image.features, bank, grid) for image in anomalous], np.float32
+    ).reshape(len(anomalous), *grid)
+    all_normal_grids = np.concatenate([state.normal_maps, normal_grids])
+    # Measured again on the stored maps of the training normals and the added normals' maps.
+    new_model = replace(model, bank=bank, normalisation=fit_normalisation(all_normal_grids))
+    head, training = new_model.head, state.head_training
     if head is not None and training is not None:
         remap = label_remap(dataset.labels, source.package.labels) if dataset.is_segmentation else None
-        added = _HeadInputs(normals, normal_maps, anomalous, anomalous_maps, dataset, remap)
+        added = _HeadInputs(
+            normals,
+            list(new_model.normalised(normal_grids)),
+            anomalous,
+            list(new_model.normalised(anomalous_grids)),
+            dataset,
+            remap,
+        )
+        training = _redistanced(
+            training, new_model.normalised(state.normal_maps), new_model.normalised(state.anomalous_maps)
+        )
         training = _head_training(training, added, head.weight.shape[0] - 1, layout)
         head, training = _retrained(training, head, int(options["seed"]))
     return replace(
         state,
-        model=replace(model, bank=bank, head=head),
+        model=replace(new_model, head=head),
         normal_hashes=state.normal_hashes + tuple(image.digest for image in normals),
         anomalous_hashes=state.anomalous_hashes + tuple(image.digest for image in anomalous),
         bank_origin=origin,
-        normal_raw=np.r_[state.normal_raw, [region_raw_score(model.region, m) for m in normal_maps]],
-        anomalous_raw=np.r_[state.anomalous_raw, [region_raw_score(model.region, m) for m in anomalous_maps]],
+        normal_maps=all_normal_grids,
+        anomalous_maps=np.concatenate([state.anomalous_maps, anomalous_grids]),
         head_training=training,
     )
 
 
+def _redistanced(training: HeadTraining, normal_maps: np.ndarray, anomalous_maps: np.ndarray) -> HeadTraining:
+    """The head's stored inputs with their distance row (the last) read again from the training
+    images' normalised maps: the normalisation was measured again, and the head must learn the
+    distances in the units the new graph gives it."""
+    keep = np.arange(0, normal_maps.shape[1] * normal_maps.shape[2], NORMAL_PATCH_STRIDE)
+    normal_inputs = training.normal_inputs.copy()
+    assert normal_inputs.shape[1] == len(normal_maps) * len(keep), "one column per kept normal patch"
+    normal_inputs[-1] = normal_maps.reshape(len(normal_maps), -1)[:, keep].reshape(-1)
+    inputs = []
+    for stored, grid_map, positions in zip(
+        training.anomalous_inputs, anomalous_maps, training.anomalous_positions, strict=True
+    ):
+        moved = stored.copy()
+        moved[-1] = grid_map.reshape(-1)[positions]
+        inputs.append(moved)
+    return replace(training, normal_inputs=normal_inputs, anomalous_inputs=tuple(inputs))
+
+
 @dataclass(frozen=True)
 class _HeadInputs:
-    """The added images, their anomaly maps against the new bank, and where their masks come from."""
+    """The added images, their normalised anomaly maps against the new bank, and where their masks
+    come from."""
 
     normals: list[_Image]
     normal_maps: list[np.ndarray]
@@ -472,19 +511,22 @@ def _head_training(
     for image, grid_map in zip(added.normals, added.normal_maps, strict=True):
         normal_inputs.append(np.concatenate([image.features, grid_map.reshape(1, -1)])[:, keep])
     inputs, targets = list(training.anomalous_inputs), list(training.anomalous_targets)
+    positions = list(training.anomalous_positions)
     folds = [int(fold) for fold in training.fold_of]
     for image, grid_map in zip(added.anomalous, added.anomalous_maps, strict=True):
         truth = added.dataset.load_label_map(image.sample)
         assert truth is not None and added.remap is not None, "segmentation datasets give label maps"
         target = patch_targets(added.remap[truth], labels, layout.grid)
-        chosen = (target[0] < 1.0) | (np.arange(patches) % NORMAL_PATCH_STRIDE == 0)
+        chosen = anomalous_head_patches(target)
         inputs.append(np.concatenate([image.features, grid_map.reshape(1, -1)])[:, chosen])
         targets.append(target[:, chosen])
+        positions.append(chosen)
         folds.append(_next_fold(targets[:-1], folds, target))
     return HeadTraining(
         normal_inputs=np.concatenate(normal_inputs, axis=1),
         anomalous_inputs=tuple(inputs),
         anomalous_targets=tuple(targets),
+        anomalous_positions=tuple(positions),
         fold_of=np.array(folds, dtype=np.intp),
         fold_heads=training.fold_heads,
     )

@@ -3,14 +3,18 @@
     image uint8 [H, W, 3]
       -> patch features [C, P]                                    (trainer/features.py)
       -> nearest-bank distance: ReduceMin(MatMul(-2 M, F) + |m|^2) + |f|^2, Sqrt
-      -> blurred grid map -> max -> logistic calibration          -> anomaly_score
-      -> grid map resized to [H, W]                               -> anomaly_map
+      -> blurred grid map -> per-position A * map + B (trainer/normalise.py)
+      -> max -> logistic calibration                              -> anomaly_score
+      -> normalised grid map resized to [H, W]                    -> anomaly_map
       -> segmentation: softmax regression per patch, label logits relative to the
          background's resized to [H, W], P(anomaly) >= pixel threshold, likeliest label
                                                                   -> label_map, anomaly_map
 
-With an inspection region (trainer/region.py) the score is the maximum of the grid map weighted
-by each patch's fraction inside the region, and both maps are 0 outside it.
+The per-position normalisation scales the border classes that the training normals show to be
+noisier than the interior down to its level; everything downstream (score, map, segmentation
+head) sees the normalised map. With an inspection region (trainer/region.py) the score is the
+maximum of the normalised grid map weighted by each patch's fraction inside the region, and both
+maps are 0 outside it.
 
 The names and types are the graph contract of lookout_edge.contract. The label map is not
 gated by the image verdict here: whoever serves the graph applies the contract's verdict rule
@@ -22,6 +26,7 @@ trainer/patchcore.py and trainer/segmentation.py.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -37,6 +42,7 @@ from lookout_edge.contract import (
     onnx_graph_io,
 )
 from lookout_edge.trainer.features import FEATURES_OUTPUT, FeatureLayout, append_resize, build_feature_graph
+from lookout_edge.trainer.normalise import MapNormalisation
 from lookout_edge.trainer.patchcore import (
     anomaly_grid,
     blur_kernel,
@@ -56,9 +62,22 @@ class TrainedModel:
     scale: float  # raw-score units per logistic unit
     head: SegmentationHead | None = None
     region: Region | None = None  # where the model looks (trainer/region.py)
+    # Per-position map normalisation (trainer/normalise.py); None scores the blurred map as it is,
+    # for models assembled by hand (tests, benchmarks). Training always measures one.
+    normalisation: MapNormalisation | None = None
+
+    def normalised(self, grid_map: np.ndarray) -> np.ndarray:
+        """What the graph scores and paints, from a blurred map of `anomaly_grid`."""
+        return grid_map if self.normalisation is None else self.normalisation.apply(grid_map)
+
+    def raw_scores(self, grid_maps: Sequence[np.ndarray] | np.ndarray) -> np.ndarray:
+        """[n] float64 raw image scores of blurred maps: the region's maximum of each normalised map."""
+        return np.array([region_raw_score(self.region, self.normalised(m)) for m in grid_maps], np.float64)
 
 
-class _Nodes:
+class GraphNodes:
+    """Appends nodes and constants to a graph, each node named after its output."""
+
     def __init__(self, graph: onnx.GraphProto) -> None:
         self.graph = graph
 
@@ -75,7 +94,7 @@ def build_model_graph(weights: dict[str, np.ndarray], model: TrainedModel) -> on
     layout = model.layout
     onnx_model = build_feature_graph(weights, layout)
     graph = onnx_model.graph
-    n = _Nodes(graph)
+    n = GraphNodes(graph)
     rows, cols = layout.grid
     height, width = layout.image_height, layout.image_width
     bank = model.bank.astype(np.float32)
@@ -102,6 +121,11 @@ def build_model_graph(weights: dict[str, np.ndarray], model: TrainedModel) -> on
     )
     normaliser = blur_normaliser(layout.grid, kernel)[None, None].astype(np.float32)
     grid_map = n.add("Mul", [blurred, n.constant("blur_normaliser", normaliser)], "anomaly_grid")
+    if model.normalisation is not None:
+        gain = n.constant("normalisation_gain", model.normalisation.gain[None, None].astype(np.float32))
+        offset_grid = model.normalisation.offset[None, None].astype(np.float32)
+        scaled = n.add("Mul", [grid_map, gain], "anomaly_grid_scaled")
+        grid_map = n.add("Add", [scaled, n.constant("normalisation_offset", offset_grid)], "normalised_grid")
     raw = n.add("ReduceMax", [_region_score_grid(n, model, grid_map)], "raw_score", keepdims=0)
     inverse_scale = n.constant("inverse_scale", np.array(1.0 / model.scale, np.float32))
     offset = n.constant("offset", np.array(-model.centre / model.scale, np.float32))
@@ -127,7 +151,7 @@ def build_model_graph(weights: dict[str, np.ndarray], model: TrainedModel) -> on
     return onnx_model
 
 
-def _region_score_grid(n: _Nodes, model: TrainedModel, grid_map: str) -> str:
+def _region_score_grid(n: GraphNodes, model: TrainedModel, grid_map: str) -> str:
     """The grid map the image score is taken from: without a region the map itself, with one
     each patch's value times the fraction of it inside the region (trainer/region.py)."""
     if model.region is None:
@@ -136,7 +160,7 @@ def _region_score_grid(n: _Nodes, model: TrainedModel, grid_map: str) -> str:
     return n.add("Mul", [grid_map, n.constant("region_patch_weights", weights)], "region_score_grid")
 
 
-def _region_outputs(n: _Nodes, model: TrainedModel) -> None:
+def _region_outputs(n: GraphNodes, model: TrainedModel) -> None:
     """Set `anomaly_map` and `label_map` to 0 outside the region, whatever nodes made them.
 
     The region is a bool [H, W] initializer (one byte a pixel; TensorRT takes bool, not uint8).
@@ -164,7 +188,7 @@ def _region_outputs(n: _Nodes, model: TrainedModel) -> None:
     graph.node.append(moved)
 
 
-def _segmentation_nodes(n: _Nodes, model: TrainedModel, grid_map: str, image_shape: str) -> None:
+def _segmentation_nodes(n: GraphNodes, model: TrainedModel, grid_map: str, image_shape: str) -> None:
     head = model.head
     assert head is not None
     layout = model.layout
@@ -204,7 +228,7 @@ def reference_outputs(model: TrainedModel, patches: np.ndarray) -> dict[str, np.
     """The graph's outputs computed in numpy from the image's patch features [C, P]."""
     layout = model.layout
     size = (layout.image_height, layout.image_width)
-    grid_map = anomaly_grid(patches, model.bank, layout.grid)
+    grid_map = model.normalised(anomaly_grid(patches, model.bank, layout.grid))
     score = float(calibrated_score(region_raw_score(model.region, grid_map), model.centre, model.scale))
     outputs = {SCORE_OUTPUT: np.array(score)}
     if model.head is None:

@@ -10,10 +10,16 @@ changed byte is caught. It holds:
 - for each training image a content hash of its pixels, and for each bank row the normal image
   it came from: an image recognised by its hash is scored out of fold (against the bank without
   its own patches), so calibrating on the training images reproduces the training threshold;
-- the out-of-fold raw scores of the training images (normals first), which `update` pools with
-  the added images' scores to choose the threshold on the union;
+- the per-position map normalisation (trainer/normalise.py: gain A and offset B per patch);
+- the training images' out-of-fold blurred maps before normalisation (normals' leave-one-out
+  maps, n x grid float32, small beside the bank): their raw scores under the model
+  (`normal_raw`, `anomalous_raw`) are computed from them, `update` measures the normalisation
+  again on the union of the stored and the added normals' maps and pools the scores to choose
+  the threshold on the union;
 - for segmentation models, the head's training inputs and targets (float16: they only feed a
-  retraining) and the two cross-fitting heads (each trained on every other anomalous image);
+  retraining), the patch position of each anomalous input column (so that `update` can read the
+  distance input again from the maps once the normalisation changed) and the two cross-fitting
+  heads (each trained on every other anomalous image);
 - the training options (TrainOptions' fields) and the graph's SHA-256, so that a state file
   copied from another package is refused.
 
@@ -35,11 +41,12 @@ import numpy as np
 from lookout_edge.package import ModelPackage, PackageError
 from lookout_edge.trainer.export import TrainedModel
 from lookout_edge.trainer.features import FeatureLayout
+from lookout_edge.trainer.normalise import MapNormalisation
 from lookout_edge.trainer.region import Region
 from lookout_edge.trainer.segmentation import SegmentationHead
 
 STATE_NAME = "trainer-state.npz"
-STATE_VERSION = 1
+STATE_VERSION = 2  # 2: map normalisation and maps instead of raw scores
 _KIND = "lookout-edge trainer state"
 
 
@@ -57,6 +64,7 @@ class HeadTraining:
     normal_inputs: np.ndarray  # [C + 1, n]: patch features and distance of normal images (background)
     anomalous_inputs: tuple[np.ndarray, ...]  # per anomalous image (training order), [C + 1, n_i]
     anomalous_targets: tuple[np.ndarray, ...]  # per anomalous image, [K + 1, n_i] label fractions
+    anomalous_positions: tuple[np.ndarray, ...]  # per anomalous image, [n_i] patch index of each column
     # Cross-fitting: fold_heads[k] was trained on the normals and the anomalous images i with
     # fold_of[i] == k, so fold_heads[1 - fold_of[i]] never saw image i (None below two images).
     fold_of: np.ndarray  # [A] 0 or 1
@@ -76,9 +84,19 @@ class TrainerState:
     normal_hashes: tuple[str, ...]  # training order
     anomalous_hashes: tuple[str, ...]
     bank_origin: np.ndarray  # [M] index into normal_hashes of the image each bank row came from
-    normal_raw: np.ndarray  # [N] out-of-fold raw scores
-    anomalous_raw: np.ndarray  # [A]
+    normal_maps: np.ndarray  # [N, rows, cols] float32 leave-one-out blurred maps, not normalised
+    anomalous_maps: np.ndarray  # [A, rows, cols] blurred maps against the whole bank
     head_training: HeadTraining | None = None
+
+    @property
+    def normal_raw(self) -> np.ndarray:
+        """[N] the normal images' out-of-fold raw scores under the model."""
+        return self.model.raw_scores(self.normal_maps)
+
+    @property
+    def anomalous_raw(self) -> np.ndarray:
+        """[A] the anomalous images' raw scores under the model."""
+        return self.model.raw_scores(self.anomalous_maps)
 
     def excluded_rows(self, digest: str) -> np.ndarray:
         """The bank rows that came from the image with this hash (none for an unseen image)."""
@@ -115,9 +133,12 @@ def save_state(state: TrainerState, graph: bytes) -> bytes:
         "bank_origin": state.bank_origin.astype(np.int64),
         "normal_hashes": np.array(state.normal_hashes, dtype="<U64"),
         "anomalous_hashes": np.array(state.anomalous_hashes, dtype="<U64"),
-        "normal_raw": state.normal_raw.astype(np.float64),
-        "anomalous_raw": state.anomalous_raw.astype(np.float64),
+        "normal_maps": state.normal_maps.astype(np.float32),
+        "anomalous_maps": state.anomalous_maps.astype(np.float32),
     }
+    if model.normalisation is not None:
+        arrays["normalisation_gain"] = model.normalisation.gain.astype(np.float32)
+        arrays["normalisation_offset"] = model.normalisation.offset.astype(np.float32)
     if model.region is not None:
         arrays["region_pixels"] = model.region.pixels.astype(np.bool_)
     if model.head is not None:
@@ -133,6 +154,9 @@ def save_state(state: TrainerState, graph: bytes) -> bytes:
             training.anomalous_targets, len(model.head.weight) if model.head is not None else 0
         )
         arrays["head_anomalous_columns"] = np.array([a.shape[1] for a in training.anomalous_inputs], np.int64)
+        arrays["head_anomalous_positions"] = np.concatenate(
+            [np.zeros(0, np.int64), *training.anomalous_positions]
+        ).astype(np.int64)
         arrays["head_anomalous_fold"] = training.fold_of.astype(np.int64)
         if training.fold_heads is not None:
             arrays["fold_weight"] = np.stack([h.weight for h in training.fold_heads]).astype(np.float32)
@@ -199,15 +223,22 @@ def _decode(meta: dict[str, Any], arrays: dict[str, np.ndarray]) -> TrainerState
     origin = arrays["bank_origin"].astype(np.intp)
     normal_hashes = tuple(str(h) for h in arrays["normal_hashes"])
     anomalous_hashes = tuple(str(h) for h in arrays["anomalous_hashes"])
-    normal_raw = arrays["normal_raw"].astype(np.float64)
-    anomalous_raw = arrays["anomalous_raw"].astype(np.float64)
+    normal_maps = arrays["normal_maps"].astype(np.float32)
+    anomalous_maps = arrays["anomalous_maps"].astype(np.float32)
     _expect(bank.ndim == 2 and bank.shape[1] == layout.channels, "the bank does not match the layout")
     _expect(origin.shape == (len(bank),), "bank_origin does not match the bank")
     _expect(
         bool(origin.size == 0 or (origin.min() >= 0 and origin.max() < len(normal_hashes))), "bad origins"
     )
-    _expect(normal_raw.shape == (len(normal_hashes),), "normal scores do not match the normal images")
-    _expect(anomalous_raw.shape == (len(anomalous_hashes),), "anomalous scores do not match the images")
+    _expect(normal_maps.shape == (len(normal_hashes), *layout.grid), "normal maps do not match the images")
+    _expect(anomalous_maps.shape == (len(anomalous_hashes), *layout.grid), "anomalous maps do not match")
+    normalisation = None
+    if "normalisation_gain" in arrays:
+        normalisation = MapNormalisation(
+            arrays["normalisation_gain"].astype(np.float32), arrays["normalisation_offset"].astype(np.float32)
+        )
+        shapes = {normalisation.gain.shape, normalisation.offset.shape}
+        _expect(shapes == {layout.grid}, "the map normalisation is not the grid's size")
     head = None
     if "head_weight" in arrays:
         head = SegmentationHead(
@@ -222,7 +253,9 @@ def _decode(meta: dict[str, Any], arrays: dict[str, np.ndarray]) -> TrainerState
         pixels = arrays["region_pixels"].astype(np.bool_)
         _expect(pixels.shape == (layout.image_height, layout.image_width), "the region is not the image size")
         region = Region(pixels, str(meta["region"]["given_as"]), str(meta["region"]["source"]))
-    model = TrainedModel(layout, bank, float(meta["centre"]), float(meta["scale"]), head, region)
+    model = TrainedModel(
+        layout, bank, float(meta["centre"]), float(meta["scale"]), head, region, normalisation
+    )
     training = None
     if "head_normal_inputs" in arrays and head is not None:
         columns = arrays["head_anomalous_columns"].astype(np.intp)
@@ -232,7 +265,12 @@ def _decode(meta: dict[str, Any], arrays: dict[str, np.ndarray]) -> TrainerState
         splits = np.cumsum(columns)[:-1]
         inputs = arrays["head_anomalous_inputs"].astype(np.float32)
         targets = arrays["head_anomalous_targets"].astype(np.float32)
-        _expect(inputs.shape[1] == targets.shape[1] == columns.sum(), "head inputs and targets disagree")
+        positions = arrays["head_anomalous_positions"].astype(np.intp)
+        _expect(
+            inputs.shape[1] == targets.shape[1] == positions.shape[0] == columns.sum(),
+            "head inputs and targets disagree",
+        )
+        _expect(bool(((positions >= 0) & (positions < layout.patches)).all()), "bad head input positions")
         fold_heads = None
         if "fold_weight" in arrays:
             weights, biases = arrays["fold_weight"], arrays["fold_bias"]
@@ -245,6 +283,7 @@ def _decode(meta: dict[str, Any], arrays: dict[str, np.ndarray]) -> TrainerState
             normal_inputs=arrays["head_normal_inputs"].astype(np.float32),
             anomalous_inputs=tuple(np.split(inputs, splits, axis=1)) if len(columns) else (),
             anomalous_targets=tuple(np.split(targets, splits, axis=1)) if len(columns) else (),
+            anomalous_positions=tuple(np.split(positions, splits)) if len(columns) else (),
             fold_of=fold_of,
             fold_heads=fold_heads,
         )
@@ -254,8 +293,8 @@ def _decode(meta: dict[str, Any], arrays: dict[str, np.ndarray]) -> TrainerState
         normal_hashes=normal_hashes,
         anomalous_hashes=anomalous_hashes,
         bank_origin=origin,
-        normal_raw=normal_raw,
-        anomalous_raw=anomalous_raw,
+        normal_maps=normal_maps,
+        anomalous_maps=anomalous_maps,
         head_training=training,
     )
 

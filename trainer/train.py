@@ -5,9 +5,11 @@ Every labelled image serves the delivered model: nothing is held out.
 1. Features of every training image (trainer/features.py), extracted once.
 2. Memory bank: greedy coreset of all the normal images' patches (trainer/bank.py; streamed
    in two stages for thousands of images).
-3. Out-of-fold scores. Each normal image is scored against the bank without its own patches
-   (what an unseen normal image gets), each anomalous image against the whole bank
-   (anomalies never enter it).
+3. Out-of-fold maps and scores. Each normal image is scored against the bank without its own
+   patches (what an unseen normal image gets), each anomalous image against the whole bank
+   (anomalies never enter it). The normals' maps measure the per-position normalisation
+   (trainer/normalise.py), and every score and the segmentation head's distance input come
+   from the normalised maps, as in the graph.
 4. Threshold and estimate (trainer/threshold.py): the raw threshold comes from the
    out-of-fold scores of all images; repeated stratified cross-validation of that rule gives
    the F1 to expect on unseen images and its interval. A logistic curve maps the raw threshold
@@ -45,9 +47,10 @@ from lookout_edge.trainer.evaluate import Evaluated, evaluate_model
 from lookout_edge.trainer.export import TrainedModel, build_model_graph
 from lookout_edge.trainer.features import FeatureExtractor, layout_for
 from lookout_edge.trainer.metrics import auroc, classification_metrics, pixel_auroc, segmentation_metrics
+from lookout_edge.trainer.normalise import fit_normalisation
 from lookout_edge.trainer.patchcore import anomaly_grid, calibrated_score
 from lookout_edge.trainer.progress import QUIET, Progress
-from lookout_edge.trainer.region import REGION_FILE, load_region, mask_pixel_maps, region_raw_score
+from lookout_edge.trainer.region import REGION_FILE, load_region, mask_pixel_maps
 from lookout_edge.trainer.report import ReportItem
 from lookout_edge.trainer.segmentation import (
     SegmentationHead,
@@ -170,24 +173,39 @@ class _Trainer:
         )
 
         grid = self.layout.grid
-        normal_maps = [
-            anomaly_grid(_full(features), bank, grid, excluded=bank_origin == index)
-            for index, features in enumerate(self.progress.each("scoring normal images", normal_features))
-        ]
-        anomalous_maps = [
-            anomaly_grid(_full(features), bank, grid)
-            for features in self.progress.each("scoring anomalous images", anomalous_features)
-        ]
-        normal_raw = np.array([region_raw_score(self.region, m) for m in normal_maps])
-        anomalous_raw = np.array([region_raw_score(self.region, m) for m in anomalous_maps])
+        normal_grids = _stacked(
+            [
+                anomaly_grid(_full(features), bank, grid, excluded=bank_origin == index)
+                for index, features in enumerate(self.progress.each("scoring normal images", normal_features))
+            ],
+            grid,
+        )
+        anomalous_grids = _stacked(
+            [
+                anomaly_grid(_full(features), bank, grid)
+                for features in self.progress.each("scoring anomalous images", anomalous_features)
+            ],
+            grid,
+        )
+        # The normalisation is measured on the leave-one-out maps of the normals, and everything
+        # after it (scores, threshold, segmentation head) sees the normalised maps, as the graph.
+        uncalibrated = TrainedModel(
+            self.layout, bank, 0.0, 1.0, region=self.region, normalisation=fit_normalisation(normal_grids)
+        )
+        normal_raw = uncalibrated.raw_scores(normal_grids)
+        anomalous_raw = uncalibrated.raw_scores(anomalous_grids)
         calibration = calibration_from_scores(normal_raw, anomalous_raw, options.favour_recall, options.seed)
         estimate = calibration.estimate
-        model = TrainedModel(self.layout, bank, calibration.centre, calibration.scale, region=self.region)
+        model = replace(uncalibrated, centre=calibration.centre, scale=calibration.scale)
         crossfitted = None
         head_training: HeadTraining | None = None
         if self.dataset.is_segmentation and anomalous:
             head, crossfitted, head_training = self.segmentation_head(
-                normal_features, normal_maps, anomalous, anomalous_features, anomalous_maps
+                normal_features,
+                list(model.normalised(normal_grids)),
+                anomalous,
+                anomalous_features,
+                list(model.normalised(anomalous_grids)),
             )
             model = replace(model, head=head)
         state = TrainerState(
@@ -196,8 +214,8 @@ class _Trainer:
             normal_hashes=tuple(self.hashes[s.image_path] for s in normals),
             anomalous_hashes=tuple(self.hashes[s.image_path] for s in anomalous),
             bank_origin=bank_origin,
-            normal_raw=normal_raw,
-            anomalous_raw=anomalous_raw,
+            normal_maps=normal_grids,
+            anomalous_maps=anomalous_grids,
             head_training=head_training,
         )
         return Fitted(model, normals, anomalous, normal_raw, anomalous_raw, estimate, crossfitted, state)
@@ -228,13 +246,13 @@ class _Trainer:
         normal_targets = np.zeros((labels + 1, normal_inputs.shape[1]))
         normal_targets[0] = 1.0
         truths = [self._label_map(sample) for sample in anomalous]
-        inputs, targets = [], []
+        inputs, targets, positions = [], [], []
         for features, grid_map, truth in zip(anomalous_features, anomalous_maps, truths, strict=True):
             target = patch_targets(truth, labels, grid)
-            # Every patch touching a defect, and the background as thinly as on normal images.
-            chosen = (target[0] < 1.0) | (np.arange(self.layout.patches) % NORMAL_PATCH_STRIDE == 0)
+            chosen = anomalous_head_patches(target)
             inputs.append(np.concatenate([features, grid_map.reshape(1, -1)])[:, chosen])
             targets.append(target[:, chosen])
+            positions.append(chosen)
 
         def fit(indices: list[int]) -> SegmentationHead:
             return train_head(
@@ -250,7 +268,12 @@ class _Trainer:
                 fit(everything),
                 None,
                 HeadTraining(
-                    normal_inputs, tuple(inputs), tuple(targets), np.zeros(len(inputs), np.intp), None
+                    normal_inputs,
+                    tuple(inputs),
+                    tuple(targets),
+                    tuple(positions),
+                    np.zeros(len(inputs), np.intp),
+                    None,
                 ),
             )
         maps: list[tuple[np.ndarray, np.ndarray]] = [(np.empty(0), np.empty(0))] * len(anomalous)
@@ -270,9 +293,26 @@ class _Trainer:
         )
         fold_of = np.isin(np.arange(len(anomalous)), second).astype(np.intp)
         head_training = HeadTraining(
-            normal_inputs, tuple(inputs), tuple(targets), fold_of, (fold_heads[0], fold_heads[1])
+            normal_inputs,
+            tuple(inputs),
+            tuple(targets),
+            tuple(positions),
+            fold_of,
+            (fold_heads[0], fold_heads[1]),
         )
         return head, crossfitted, head_training
+
+
+def anomalous_head_patches(target: np.ndarray) -> np.ndarray:
+    """The patch indices of an anomalous image the head trains on, from its targets [K + 1, P]:
+    every patch touching a defect, and the background as thinly as on normal images."""
+    patches = target.shape[1]
+    return np.flatnonzero((target[0] < 1.0) | (np.arange(patches) % NORMAL_PATCH_STRIDE == 0))
+
+
+def _stacked(grid_maps: list[np.ndarray], grid: tuple[int, int]) -> np.ndarray:
+    """[n, rows, cols] float32, also for no map at all."""
+    return np.array(grid_maps, dtype=np.float32).reshape(len(grid_maps), *grid)
 
 
 def _two_folds_by_label(truths: list[np.ndarray]) -> tuple[list[int], list[int]]:

@@ -26,6 +26,7 @@ from lookout_edge.cli.main import main
 from lookout_edge.package import MANIFEST_NAME, PackageError, read_package, write_package
 from lookout_edge.trainer.calibrate import calibrate, next_version, update
 from lookout_edge.trainer.datasets import DatasetError
+from lookout_edge.trainer.normalise import fit_normalisation
 from lookout_edge.trainer.state import STATE_NAME, load_state
 from lookout_edge.trainer.synthetic import write_synthetic_dataset
 from lookout_edge.trainer.train import TrainOptions, train
@@ -162,9 +163,16 @@ def test_update_adds_normals_to_the_bank_and_anomalies_to_calibration_and_head(
     old, new = load_state(read_package(package)), load_state(read_package(updated))
     assert new.normal_hashes[:20] == old.normal_hashes and len(new.normal_hashes) == 28
     assert new.anomalous_hashes[:40] == old.anomalous_hashes and len(new.anomalous_hashes) == 44
-    # The training images' scores are kept; the added ones are scored against the new bank.
-    np.testing.assert_array_equal(new.normal_raw[:20], old.normal_raw)
-    np.testing.assert_array_equal(new.anomalous_raw[:40], old.anomalous_raw)
+    # The training images' maps are kept (not rescored against the larger bank), the added ones are
+    # scored against the new bank, and the map normalisation is measured again on all normals' maps.
+    np.testing.assert_array_equal(new.normal_maps[:20], old.normal_maps)
+    np.testing.assert_array_equal(new.anomalous_maps[:40], old.anomalous_maps)
+    assert new.normal_maps.shape[0] == 28 and new.anomalous_maps.shape[0] == 44
+    assert new.model.normalisation is not None
+    measured = fit_normalisation(new.normal_maps)
+    np.testing.assert_array_equal(new.model.normalisation.gain, measured.gain)
+    np.testing.assert_array_equal(new.model.normalisation.offset, measured.offset)
+    np.testing.assert_array_equal(new.normal_raw, new.model.raw_scores(new.normal_maps))
     # The coreset is taken again over the bank and the new patches, to the trainer's size rule.
     patches = new.model.layout.patches
     assert len(new.model.bank) == min(3000, int(28 * patches * 0.1)) > len(old.model.bank)

@@ -86,8 +86,10 @@ def test_the_region_changes_scores_only_outside_it(trained: tuple[Path, Path, Pa
         assert (with_region["anomaly_map"][~inside.pixels] == 0).all()
         assert without["anomaly_map"][~inside.pixels].min() > 0
 
-    # A bright defect outside the region, 88 px (5.5 patches) from its edge: the network's
-    # receptive field carries nearer ones into the patches inside (docs/trainer.md).
+    # A bright defect outside the region, 88 px (5.5 patches) from its edge, 1 to 2 patches from
+    # the image's right edge: the model without region flags it (the map normalisation scales
+    # the border down, it does not ignore it), the model with the region does not. The network's
+    # receptive field still carries a little of it into the patches inside (docs/trainer.md).
     threshold = read_package(plain).threshold
     for sample in dataset.samples[:20:4]:
         good = dataset.load_image(sample)
@@ -97,7 +99,27 @@ def test_the_region_changes_scores_only_outside_it(trained: tuple[Path, Path, Pa
         with_good, with_defect = run_graph(regioned, good), run_graph(regioned, defect)
         assert float(without_good["anomaly_score"]) < threshold <= float(without_defect["anomaly_score"])
         score = float(with_defect["anomaly_score"])
-        assert score == pytest.approx(float(with_good["anomaly_score"]), abs=2e-3), sample.image_path.name
+        assert score < threshold - 0.4, sample.image_path.name
+        assert score - float(with_good["anomaly_score"]) < 0.05, sample.image_path.name
+
+
+def test_a_defect_on_the_image_border_is_flagged(trained: tuple[Path, Path, Path, Path]) -> None:
+    """The outermost patches are normalised, not ignored: a blotch touching each edge of the image
+    still raises the verdict (a score margin would pass it as normal)."""
+    manifest, _, plain, _ = trained
+    dataset = load_dataset(manifest).train
+    threshold = read_package(plain).threshold
+    good = dataset.load_image(dataset.samples[0])
+    assert float(run_graph(plain, good)["anomaly_score"]) < threshold
+    for rows, columns in (
+        (slice(86, 106), slice(WIDTH - 20, WIDTH)),  # right edge
+        (slice(86, 106), slice(0, 20)),  # left edge
+        (slice(0, 20), slice(118, 138)),  # top edge
+        (slice(HEIGHT - 20, HEIGHT), slice(118, 138)),  # bottom edge
+    ):
+        defect = good.copy()
+        defect[rows, columns] = 255
+        assert float(run_graph(plain, defect)["anomaly_score"]) >= threshold, (rows, columns)
 
 
 def test_the_region_is_part_of_the_package(trained: tuple[Path, Path, Path, Path]) -> None:

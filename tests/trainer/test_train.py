@@ -6,6 +6,7 @@ import json
 import shutil
 import subprocess
 import sys
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -17,6 +18,7 @@ from lookout_edge.package import read_package
 from lookout_edge.trainer.datasets import load_dataset
 from lookout_edge.trainer.export import TrainedModel, build_model_graph, reference_outputs
 from lookout_edge.trainer.features import layout_for
+from lookout_edge.trainer.normalise import MapNormalisation
 from lookout_edge.trainer.patchcore import greedy_coreset
 from lookout_edge.trainer.reference import reference_patches
 from lookout_edge.trainer.segmentation import train_head
@@ -95,14 +97,29 @@ def test_graph_matches_numpy_reference(segmentation_dataset: Path, weights: dict
     bank = bank_source[greedy_coreset(bank_source, 60)]
     rng = np.random.default_rng(0)
     head = train_head(rng.standard_normal((layout.channels + 1, 500)), np.eye(3)[rng.integers(0, 3, 500)].T)
-    model = TrainedModel(layout, bank, centre=5.0, scale=1.5, head=head)
+    # A map normalisation far from the identity, so that its Mul and Add are exercised.
+    normalisation = MapNormalisation(
+        rng.uniform(0.4, 1.0, layout.grid).astype(np.float32),
+        rng.normal(0.0, 1.0, layout.grid).astype(np.float32),
+    )
+    model = TrainedModel(layout, bank, centre=5.0, scale=1.5, head=head, normalisation=normalisation)
     graph = build_model_graph(weights, model)
     session = ort.InferenceSession(graph.SerializeToString(), providers=["CPUExecutionProvider"])
+    classification = replace(model, head=None)
+    plain = ort.InferenceSession(
+        build_model_graph(weights, classification).SerializeToString(), providers=["CPUExecutionProvider"]
+    )
     for image, features in zip(images, patches, strict=True):
         score, label_map, anomaly_map = session.run(
             ["anomaly_score", "label_map", "anomaly_map"], {"image": image}
         )
         expected = reference_outputs(model, features.astype(np.float32))
+        plain_score, plain_map = plain.run(["anomaly_score", "anomaly_map"], {"image": image})
+        plain_expected = reference_outputs(classification, features.astype(np.float32))
+        assert float(plain_score) == pytest.approx(float(plain_expected["anomaly_score"]), abs=1e-4)
+        # This map is in distance units (10 to 20 here): the float32 cancellation in
+        # |f|^2 - 2 m.f + |m|^2 holds the two to about 1e-2, measured within 1.3e-2.
+        np.testing.assert_allclose(plain_map, plain_expected["anomaly_map"], atol=3e-2)
         assert float(score) == pytest.approx(float(expected["anomaly_score"]), abs=1e-4)
         # Scores are held to 1e-4; the maps go through float32 matrix products at image size
         # (the half-pixel resize of trainer/interpolation.py), measured within 1.4e-4.

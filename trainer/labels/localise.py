@@ -31,17 +31,17 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Any
 
 import numpy as np
 import onnx
 import onnxruntime as ort
-from onnx import TensorProto, helper, numpy_helper
+from onnx import TensorProto, helper
 
 from lookout_edge.contract import INPUT_NAME
 from lookout_edge.custom_labels import BOX_SCORES_OUTPUT, BOXES_OUTPUT, fit_image
 from lookout_edge.trainer.architecture import NETWORK_STRIDE, STAGES, feature_name, stage_stride
 from lookout_edge.trainer.backbone import build_backbone_graph
+from lookout_edge.trainer.export import GraphNodes
 from lookout_edge.trainer.labels.dataset import Box
 
 DETAIL_STAGE, CELL_STAGE, CONTEXT_STAGE = 2, 4, 6
@@ -105,18 +105,7 @@ def cell_channels() -> int:
     return sum(STAGES[stage].out_channels for stage in (CELL_STAGE, CELL_STAGE, DETAIL_STAGE, CONTEXT_STAGE))
 
 
-class _Nodes:
-    def __init__(self, graph: onnx.GraphProto) -> None:
-        self.graph = graph
-
-    def constant(self, name: str, value: np.ndarray) -> str:
-        self.graph.initializer.append(numpy_helper.from_array(value, name))
-        return name
-
-    def add(self, op: str, inputs: list[str], output: str, **attributes: Any) -> str:
-        self.graph.node.append(helper.make_node(op, inputs, [output], name=output, **attributes))
-        return output
-
+class _Nodes(GraphNodes):
     def mean_pool(self, x: str, kernel: int, output: str) -> str:
         """Mean over a kernel x kernel neighbourhood at stride 1, borders averaging what is inside."""
         pad = kernel // 2
