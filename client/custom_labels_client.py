@@ -1,18 +1,23 @@
 """A typed Python client for the Rekognition Custom Labels API (lookout-edge's `rekognition`
-endpoint or AWS), on urllib and the endpoint's SigV4 module: no boto3 needed at run time."""
+endpoint or AWS), on http.client and the endpoint's SigV4 module: no boto3 needed at run time.
+
+One client keeps one HTTP/1.1 connection open (a new connection per call would cost a TCP
+handshake and a server thread each time) and may be shared between threads: calls take turns
+on it. A connection the server closed while idle is replaced once, transparently."""
 
 from __future__ import annotations
 
 import base64
+import http.client
 import io
 import json
+import threading
 import time
-import urllib.error
-import urllib.request
 from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
+from urllib.parse import urlsplit
 
 import numpy as np
 from PIL import Image
@@ -104,11 +109,29 @@ class CustomLabelsClient:
         if (access_key_id is None) != (secret_access_key is None):
             raise ValueError("give both access_key_id and secret_access_key, or neither")
         self._url = endpoint_url.rstrip("/") + "/"
+        parts = urlsplit(self._url)
+        if parts.scheme not in ("http", "https") or not parts.hostname:
+            raise ValueError(f"endpoint_url {endpoint_url!r} is not an http:// or https:// URL")
+        self._parts = parts
         self._credentials = (
             ANONYMOUS if access_key_id is None else Credentials(access_key_id, secret_access_key or "")
         )
         self._region = region
         self._timeout = timeout
+        self._lock = threading.Lock()
+        self._connection: http.client.HTTPConnection | None = None
+
+    def __enter__(self) -> CustomLabelsClient:
+        return self
+
+    def __exit__(self, *_: object) -> None:
+        self.close()
+
+    def close(self) -> None:
+        with self._lock:
+            if self._connection is not None:
+                self._connection.close()
+                self._connection = None
 
     def call(self, operation: str, params: dict[str, Any]) -> dict[str, Any]:
         """One signed AWS JSON 1.1 call; the response document, or CustomLabelsError."""
@@ -118,23 +141,50 @@ class CustomLabelsClient:
             "X-Amz-Target": f"RekognitionService.{operation}",
         }
         headers = sign("POST", self._url, headers, body, self._credentials, self._region, "rekognition")
-        request = urllib.request.Request(self._url, data=body, headers=headers, method="POST")
+        with self._lock:
+            status, response_headers, raw = self._exchange(body, headers)
+        if status < 400:
+            document: dict[str, Any] = json.loads(raw or b"{}")
+            return document
         try:
-            with urllib.request.urlopen(request, timeout=self._timeout) as response:
-                document: dict[str, Any] = json.loads(response.read() or b"{}")
-                return document
-        except urllib.error.HTTPError as exc:
-            raw = exc.read()
-            try:
-                error = json.loads(raw)
-            except ValueError:
-                error = {"message": raw.decode("utf-8", "replace")}
-            code = str(error.get("__type") or exc.headers.get("x-amzn-ErrorType") or exc.code)
-            raise CustomLabelsError(
-                code.split(":")[0].rsplit("#")[-1], str(error.get("message", ""))
-            ) from None
-        except (urllib.error.URLError, OSError) as exc:
+            error = json.loads(raw)
+        except ValueError:
+            error = {"message": raw.decode("utf-8", "replace")}
+        code = str(error.get("__type") or response_headers.get("x-amzn-ErrorType") or status)
+        raise CustomLabelsError(code.split(":")[0].rsplit("#")[-1], str(error.get("message", "")))
+
+    def _exchange(self, body: bytes, headers: dict[str, str]) -> tuple[int, http.client.HTTPMessage, bytes]:
+        """POST on the kept connection (called with the lock held). A kept connection the server
+        has closed fails at once; the call then goes again, once, on a fresh one."""
+        reused = self._connection is not None
+        try:
+            return self._post(body, headers)
+        except (http.client.HTTPException, OSError) as exc:
+            if not reused or isinstance(exc, TimeoutError):
+                raise CustomLabelsError("ConnectionError", f"{self._url}: {exc}") from None
+        try:
+            return self._post(body, headers)
+        except (http.client.HTTPException, OSError) as exc:
             raise CustomLabelsError("ConnectionError", f"{self._url}: {exc}") from None
+
+    def _post(self, body: bytes, headers: dict[str, str]) -> tuple[int, http.client.HTTPMessage, bytes]:
+        if self._connection is None:
+            kind = (
+                http.client.HTTPSConnection if self._parts.scheme == "https" else http.client.HTTPConnection
+            )
+            self._connection = kind(self._parts.hostname or "", self._parts.port, timeout=self._timeout)
+        try:
+            self._connection.request("POST", self._parts.path or "/", body, headers)
+            response = self._connection.getresponse()
+            raw = response.read()
+        except BaseException:
+            self._connection.close()
+            self._connection = None
+            raise
+        if response.will_close:
+            self._connection.close()
+            self._connection = None
+        return response.status, response.headers, raw
 
     def detect_custom_labels(
         self,

@@ -49,7 +49,8 @@ class Watchdog:
             deadline = time.monotonic() + seconds
             self._deadlines[connection] = deadline
             heapq.heappush(self._heap, (deadline, next(self._counter), connection))
-            self._lock.notify()
+            if self._heap[0][2] is connection:  # the watcher sleeps until a later deadline: wake it
+                self._lock.notify()
 
     def disarm(self, connection: socket.socket) -> None:
         with self._lock:

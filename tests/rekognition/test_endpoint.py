@@ -6,6 +6,7 @@ import json
 import subprocess
 import sys
 import textwrap
+import time
 from datetime import datetime
 from pathlib import Path
 from typing import Any
@@ -235,6 +236,16 @@ def test_signatures_are_verified_when_a_key_is_configured(fresh_endpoint: Any) -
     with pytest.raises(CustomLabelsError) as caught:
         CustomLabelsClient(served.url).describe_projects()
     assert caught.value.code == "UnrecognizedClientException"
+
+
+def test_the_typed_client_keeps_its_connection_and_replaces_one_the_server_closed(endpoint: Endpoint) -> None:
+    with CustomLabelsClient(endpoint.url) as typed:
+        assert typed.describe_projects()
+        kept = typed._connection
+        assert kept is not None and typed.describe_projects() and typed._connection is kept
+        time.sleep(1.5)  # the endpoint shuts connections idle for longer than its read timeout (1 s)
+        assert typed.describe_projects()
+        assert typed._connection is not kept
 
 
 SECOND_PROCESS = textwrap.dedent(
