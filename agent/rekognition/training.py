@@ -25,21 +25,22 @@ logger = logging.getLogger(__name__)
 IN_PROGRESS, COMPLETED, FAILED = "TRAINING_IN_PROGRESS", "TRAINING_COMPLETED", "TRAINING_FAILED"
 MESSAGES = {IN_PROGRESS: "The model is being trained.", COMPLETED: "The model is ready to run."}
 MAX_STATUS_MESSAGE = 1000
+TRAINER_ERROR_PREFIX = "lookout-edge train:"  # how the CLI reports an error it understood
 
 
 class TrainingInputError(ValueError):
     """Training data the endpoint cannot hand to the trainer; the message is the StatusMessage."""
 
 
-def infer_kind(manifest: Path, test_manifest: Path | None, s3_root: Path | None = None) -> str:
-    """The trainer's --kind for a Ground Truth manifest, as the trainer's dataset loader reads it
-    (TrainingInputError with the loader's problems when the data cannot be used)."""
-    from lookout_edge.trainer.labels.dataset import LabelDatasetError, load_label_dataset
+def infer_kind(manifest: Path, test_manifest: Path | None) -> str:
+    """The trainer's --kind for a Ground Truth manifest, from its lines (TrainingInputError when
+    they cannot tell). The trainer's process checks the images themselves."""
+    from lookout_edge.trainer.labels.dataset import LabelDatasetError, dataset_kind
 
     if not manifest.is_file():  # as AWS, a missing manifest fails the training, not the request
         raise TrainingInputError(f"the manifest file {manifest.name} does not exist")
     try:
-        return load_label_dataset(manifest, test=test_manifest, s3_cache=s3_root).kind
+        return dataset_kind(manifest, test_manifest)
     except LabelDatasetError as exc:
         raise TrainingInputError("; ".join(exc.problems)[:MAX_STATUS_MESSAGE]) from None
     except OSError as exc:
@@ -47,10 +48,13 @@ def infer_kind(manifest: Path, test_manifest: Path | None, s3_root: Path | None 
 
 
 def stderr_summary(stderr: str, returncode: int) -> str:
-    """The last lines of a failed trainer's stderr, as one StatusMessage."""
+    """A failed trainer's stderr as one StatusMessage: its error from the `lookout-edge train:`
+    line on (a dataset's problems, all of them), or else its last lines (a traceback's end)."""
     lines = [line.strip() for line in stderr.splitlines() if line.strip()]
-    summary = " | ".join(lines[-5:]) or f"the trainer exited with status {returncode} and no message"
-    return summary[-MAX_STATUS_MESSAGE:]
+    starts = [index for index, line in enumerate(lines) if line.startswith(TRAINER_ERROR_PREFIX)]
+    shown = lines[starts[-1] :] if starts else lines[-5:]
+    summary = " | ".join(shown) or f"the trainer exited with status {returncode} and no message"
+    return summary[:MAX_STATUS_MESSAGE] if starts else summary[-MAX_STATUS_MESSAGE:]
 
 
 class Trainer:
@@ -87,7 +91,7 @@ class Trainer:
         staging = Path(tempfile.mkdtemp(prefix=f"{STAGING_PREFIX}training.", dir=self._models_dir))
         summary = None
         try:
-            kind = infer_kind(manifest, test_manifest, self._s3_root)
+            kind = infer_kind(manifest, test_manifest)
             status, message = self._run(record, kind, manifest, test_manifest, staging)
             if status == COMPLETED:
                 summary = self._publish_summary(record)

@@ -75,6 +75,23 @@ def test_bad_training_data_fails_the_training_not_the_request(fresh_endpoint: An
     assert caught.value.response["Error"]["Code"] == "ResourceNotFoundException"
 
 
+def test_training_data_the_trainer_refuses_fails_the_version_with_its_problems(fresh_endpoint: Any) -> None:
+    served: Endpoint = fresh_endpoint()
+    folder = served.s3_root / "bucket" / "data"
+    write_manifest(folder)
+    for image in folder.glob("*.png"):  # every line's image is gone: far above the 20 % tolerance
+        image.unlink()
+    client = served.client()
+    project_arn = client.create_project(ProjectName="broken")["ProjectArn"]
+    create(client, project_arn, "broken.v1")
+    with pytest.raises(WaiterError):
+        wait_trained(client, project_arn, "broken.v1", attempts=1200)
+    (description,) = client.describe_project_versions(ProjectArn=project_arn)["ProjectVersionDescriptions"]
+    assert description["Status"] == "TRAINING_FAILED"
+    message = description["StatusMessage"]
+    assert message.startswith("lookout-edge train: the dataset cannot be used") and "0.png" in message
+
+
 def test_create_project_version_trains_a_model_that_then_serves(fresh_endpoint: Any) -> None:
     served: Endpoint = fresh_endpoint()
     write_manifest(served.s3_root / "bucket" / "data")

@@ -180,6 +180,15 @@ def load_label_dataset(
     return LabelDataset(chosen, labels, tuple(train), tuple(test_images), len(sets) == 1, tuple(warnings))
 
 
+def dataset_kind(path: Path, test: Path | None = None) -> str:
+    """The kind `load_label_dataset` infers, from the manifest lines and folders alone: no image is
+    read, so a caller can choose the trainer cheaply and leave the checking to the full load.
+    `LabelDatasetError` when the lines say nothing, or contradict each other."""
+    sets = _read_sets(Path(path), test, default_s3_cache())
+    _raise_if([problem for part in sets for problem in part.fatal])
+    return _choose_kind(sets, None)[0]
+
+
 def read_rgb(image: LabelledImage) -> np.ndarray:
     """The image as [H, W, 3] uint8 RGB; gray (8 or 16 bits) by the rule of lookout_edge.images."""
     try:
