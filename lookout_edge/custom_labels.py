@@ -22,6 +22,7 @@ from __future__ import annotations
 import io
 import json
 import math
+import re
 from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import datetime, timezone
@@ -151,6 +152,23 @@ def version_arn(
     account: str = DEFAULT_ACCOUNT,
 ) -> str:
     return f"arn:aws:rekognition:{region}:{account}:project/{project}/version/{version_name}/{created_ms}"
+
+
+# What project_arn and version_arn write, read back (any partition, region and account).
+_PROJECT_ARN = re.compile(r"^arn:[^:]+:rekognition:[^:]*:[^:]*:project/([^/]+)/[0-9]+$")
+_VERSION_ARN = re.compile(r"^arn:[^:]+:rekognition:[^:]*:[^:]*:project/([^/]+)/version/([^/]+)/[0-9]+$")
+
+
+def project_of_arn(arn: str) -> str | None:
+    """The project name in a project ARN, None when `arn` is not one."""
+    match = _PROJECT_ARN.match(arn)
+    return match[1] if match else None
+
+
+def version_of_arn(arn: str) -> tuple[str, str] | None:
+    """(project, version name) in a project-version ARN, None when `arn` is not one."""
+    match = _VERSION_ARN.match(arn)
+    return (match[1], match[2]) if match else None
 
 
 def read_label_package(directory: Path) -> LabelPackage:

@@ -10,13 +10,12 @@ the registry's ARN (the one CreateProjectVersion returned) and the package's bot
 from __future__ import annotations
 
 import logging
-import re
 import threading
 from dataclasses import dataclass, field
 from datetime import datetime
 from pathlib import Path
 
-from lookout_edge.custom_labels import LabelPackage, label_packages
+from lookout_edge.custom_labels import LabelPackage, label_packages, project_of_arn, version_of_arn
 from lookout_edge.package import PackageError
 
 from .errors import RESOURCE_NOT_FOUND, RekognitionError
@@ -25,9 +24,6 @@ from .registry import ProjectRecord, Registry, VersionRecord
 from .training import COMPLETED, MESSAGES
 
 logger = logging.getLogger(__name__)
-
-_PROJECT_ARN = re.compile(r"^arn:[^:]+:rekognition:[^:]*:[^:]*:project/([^/]+)/[0-9]+$")
-_VERSION_ARN = re.compile(r"^arn:[^:]+:rekognition:[^:]*:[^:]*:project/([^/]+)/version/([^/]+)/[0-9]+$")
 
 
 @dataclass
@@ -131,19 +127,19 @@ class Catalog:
 
     def project(self, arn: str) -> Project:
         """The project an ARN names (rescanning once if it is not known); ResourceNotFoundException."""
-        match = _PROJECT_ARN.match(arn)
+        name = project_of_arn(arn)
         for projects in (self._projects, self.scan()):
-            project = projects.get(match[1]) if match else None
+            project = projects.get(name) if name else None
             if project is not None and arn in project.arns:
                 return project
         raise RekognitionError(RESOURCE_NOT_FOUND, f"the project {arn} does not exist")
 
     def version(self, arn: str) -> Version:
         """The version an ARN names (rescanning once if it is not known); ResourceNotFoundException."""
-        match = _VERSION_ARN.match(arn)
+        names = version_of_arn(arn)
         for projects in (self._projects, self.scan()):
-            project = projects.get(match[1]) if match else None
-            for version in project.versions if project and match else ():
-                if version.name == match[2] and arn in version.arns:  # type: ignore[index]
+            project = projects.get(names[0]) if names else None
+            for version in project.versions if project and names else ():
+                if names and version.name == names[1] and arn in version.arns:
                     return version
         raise RekognitionError(RESOURCE_NOT_FOUND, f"the model {arn} does not exist")

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import base64
+import re
 from typing import Any
 
 import botocore.session
@@ -10,6 +11,7 @@ import pytest
 
 from lookout_edge.agent.rekognition.errors import RekognitionError
 from lookout_edge.agent.rekognition.shapes import OPERATIONS, SHAPES, validate
+from lookout_edge.custom_labels import project_arn, project_of_arn, version_arn, version_of_arn
 
 KEYS = ("type", "required", "min", "max", "pattern", "enum")
 
@@ -86,3 +88,16 @@ def test_validation() -> None:
     assert validate("CreateProject", {"ProjectName": "p", "Tags": {"line": "Straße 1"}})["Tags"] == {
         "line": "Straße 1"
     }
+
+
+def test_the_arns_written_are_the_services_and_read_back() -> None:
+    """project_arn / version_arn match botocore's ARN patterns and parse back to their names;
+    anything else parses to None (the catalog then answers ResourceNotFoundException)."""
+    model = botocore.session.get_session().get_service_model("rekognition")
+    project, version = project_arn("cells", 1700000000000), version_arn("cells", "v1", 1700000000123)
+    assert re.fullmatch(model.shape_for("ProjectArn").metadata["pattern"], project)
+    assert re.fullmatch(model.shape_for("ProjectVersionArn").metadata["pattern"], version)
+    assert project_of_arn(project) == "cells" and version_of_arn(version) == ("cells", "v1")
+    assert project_of_arn(version) is None and version_of_arn(project) is None
+    for other in ("", "cells", "arn:aws:s3:::bucket/key", project + "/extra"):
+        assert project_of_arn(other) is None and version_of_arn(other) is None
