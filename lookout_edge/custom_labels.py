@@ -66,8 +66,10 @@ __all__ = [
     "fit_image",
     "label_packages",
     "project_arn",
+    "project_of_arn",
     "read_label_package",
     "version_arn",
+    "version_of_arn",
 ]
 
 IMAGE_CLASSIFICATION, MULTI_LABEL, LOCALISATION = LABEL_MODEL_TYPES
