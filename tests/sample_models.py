@@ -9,6 +9,7 @@ contract; trained models come from the trainer. Building them needs the `onnx` p
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
@@ -32,7 +33,6 @@ def _color_rule(channel: int) -> np.ndarray:
 
 def sample_graph(height: int, width: int, segmentation: bool) -> bytes:
     """The serialized ONNX graph of a sample model for [height, width, 3] images."""
-    import onnx
     from onnx import TensorProto, helper, numpy_helper
 
     nodes = []
@@ -78,9 +78,19 @@ def sample_graph(height: int, width: int, segmentation: bool) -> bytes:
             helper.make_node("Max", ["red_mask", "blue_label"], ["label_map"]),
         ]
         outputs.append(helper.make_tensor_value_info("label_map", TensorProto.UINT8, [height, width]))
+    return image_model(nodes, "sample_color_defects", height, width, outputs, initializers)
+
+
+def image_model(
+    nodes: list[Any], name: str, height: int, width: int, outputs: list[Any], initializers: list[Any]
+) -> bytes:
+    """A checked, serialized opset-17 model whose one input is the uint8 [height, width, 3] `image`."""
+    import onnx
+    from onnx import TensorProto, helper
+
     graph = helper.make_graph(
         nodes,
-        "sample_color_defects",
+        name,
         [helper.make_tensor_value_info("image", TensorProto.UINT8, [height, width, 3])],
         outputs,
         initializers,

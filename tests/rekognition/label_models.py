@@ -15,6 +15,7 @@ import numpy as np
 
 from lookout_edge.custom_labels import LabelPackage, project_arn, read_label_package, version_arn
 from lookout_edge.package import write_package
+from tests.sample_models import image_model
 
 LABELS = ("red", "green", "blue")
 WIDTH, HEIGHT = 96, 64
@@ -29,7 +30,6 @@ GAIN = 10.0  # a saturated channel's logit; sigmoid outputs get a bias of -GAIN 
 
 
 def _graph(kind: str) -> bytes:
-    import onnx
     from onnx import TensorProto, helper, numpy_helper
 
     weights = numpy_helper.from_array(np.eye(3, dtype=np.float32) * (GAIN / 255.0), "weights")
@@ -77,19 +77,7 @@ def _graph(kind: str) -> bytes:
         nodes.append(helper.make_node("Reshape", ["probabilities", "flat"], ["label_scores"]))
         initializers.append(numpy_helper.from_array(np.array([3], dtype=np.int64), "flat"))
         outputs = [helper.make_tensor_value_info("label_scores", TensorProto.FLOAT, [3])]
-    graph = helper.make_graph(
-        nodes,
-        f"colour-{kind}",
-        [helper.make_tensor_value_info("image", TensorProto.UINT8, [HEIGHT, WIDTH, 3])],
-        outputs,
-        initializers,
-    )
-    model = helper.make_model(
-        graph, opset_imports=[helper.make_opsetid("", 17)], producer_name="lookout-edge"
-    )
-    model.ir_version = 8
-    onnx.checker.check_model(model)
-    return bytes(model.SerializeToString())
+    return image_model(nodes, f"colour-{kind}", HEIGHT, WIDTH, outputs, initializers)
 
 
 def write_label_package(
