@@ -93,9 +93,10 @@ class Service:
 
     def detect_custom_labels(self, params: dict[str, Any]) -> dict[str, Any]:
         version = self.catalog.version(params["ProjectVersionArn"])
+        # Read and decoded before taking an inference unit, which only the inference needs.
+        rgb = _decode(self._image_bytes(params["Image"]))
+        min_confidence = params.get("MinConfidence")
         with version.hosting.serving() as model:
-            rgb = _decode(self._image_bytes(params["Image"]))
-            min_confidence = params.get("MinConfidence")
             predictions = model.predict(rgb, None if min_confidence is None else min_confidence / 100.0)
         if "MaxResults" in params:
             predictions = predictions[: params["MaxResults"]]
