@@ -18,7 +18,8 @@ normals a defect only says that the class is far, and one broken part scoring a 
 higher must not stretch the fitted distribution away from where it meets the normals. The
 threshold maximises the expected *recall minus false-alarm rate* under the two distributions
 (Youden's J; with `favour_recall` a miss counts `RECALL_WEIGHT` times as much as a false
-alarm): it sits where the two predictive densities cross. It depends on the two rates only,
+alarm): it sits where the two predictive densities cross, and never below the normals' mean
+(flagging most good parts is no operating point). It depends on the two rates only,
 not on how many anomalous images the user happened to collect: the share of anomalies in a
 training set is a collection choice, not the line's defect rate.
 
@@ -53,7 +54,7 @@ FOLDS = 5
 REPEATS = 20
 BOOTSTRAP = 400
 INTERVAL = 0.90
-# Candidate thresholds across the scores' range (and 3 anomalous scales beyond it).
+# Candidate thresholds from the normals' mean to 3 anomalous scales above the highest score.
 CANDIDATES = 1024
 # Anomalous scores are capped this many normal predictive scales above the normals' mean.
 ANOMALY_CAP = 10.0
@@ -131,7 +132,9 @@ def balanced_threshold(normal: np.ndarray, anomalous: np.ndarray, favour_recall:
     normals = Predictive.of(normal, 1e-3 * scale)
     capped = np.minimum(anomalous, normals.location + ANOMALY_CAP * normals.scale)
     anomalies = Predictive.of(capped, normals.scale)
-    low = min(float(normal.min()), float(anomalous.min())) - 3 * anomalies.scale
+    # Never below the normals' centre: a threshold that flags most good parts is no operating
+    # point, and it is where a heavy anomalous tail would otherwise drag a weighted criterion.
+    low = normals.location
     high = max(float(normal.max()), float(capped.max())) + 3 * anomalies.scale
     thresholds = np.linspace(low, high, CANDIDATES)
     gain = (RECALL_WEIGHT if favour_recall else 1.0) * anomalies.tail(thresholds) - normals.tail(thresholds)
