@@ -2,8 +2,9 @@
 directory (each package's `project` is a project, the package a version of it) joined with the
 registry's projects and trained versions, and each version's hosting state.
 
-The directory is rescanned on every Describe call (and when an ARN is not yet known), so packages
-copied in appear without a restart. A version is (project, version name), unique as AWS makes it;
+The directory and the registry are read again by every call that lists projects or looks one up
+by its ARN, so packages copied in appear without a restart, and a version whose training has
+just ended can be started at once. A version is (project, version name), unique as AWS makes it;
 the registry's ARN (the one CreateProjectVersion returned) and the package's both name it.
 """
 
@@ -126,20 +127,22 @@ class Catalog:
         return self._registry.add_project(record)
 
     def project(self, arn: str) -> Project:
-        """The project an ARN names (rescanning once if it is not known); ResourceNotFoundException."""
+        """The project an ARN names, as the models directory and the registry hold it now (a scan:
+        what was trained, registered or removed since the last call counts);
+        ResourceNotFoundException."""
         name = project_of_arn(arn)
-        for projects in (self._projects, self.scan()):
-            project = projects.get(name) if name else None
-            if project is not None and arn in project.arns:
-                return project
-        raise RekognitionError(RESOURCE_NOT_FOUND, f"the project {arn} does not exist")
+        project = self.scan().get(name) if name else None
+        if project is None or arn not in project.arns:
+            raise RekognitionError(RESOURCE_NOT_FOUND, f"the project {arn} does not exist")
+        return project
 
     def version(self, arn: str) -> Version:
-        """The version an ARN names (rescanning once if it is not known); ResourceNotFoundException."""
+        """The version an ARN names, as the models directory and the registry hold it now (a scan,
+        as for `project`); ResourceNotFoundException."""
         names = version_of_arn(arn)
-        for projects in (self._projects, self.scan()):
-            project = projects.get(names[0]) if names else None
-            for version in project.versions if project and names else ():
-                if names and version.name == names[1] and arn in version.arns:
+        if names is not None:
+            project = self.scan().get(names[0])
+            for version in project.versions if project else ():
+                if version.name == names[1] and arn in version.arns:
                     return version
         raise RekognitionError(RESOURCE_NOT_FOUND, f"the model {arn} does not exist")

@@ -157,7 +157,6 @@ class Service:
         }
 
     def describe_project_versions(self, params: dict[str, Any]) -> dict[str, Any]:
-        self.catalog.scan()
         project = self.catalog.project(params["ProjectArn"])
         versions = sorted(project.versions, key=lambda item: item.created, reverse=True)
         names = params.get("VersionNames")

@@ -120,3 +120,26 @@ def test_create_project_version_trains_a_model_that_then_serves(fresh_endpoint: 
     (package,) = [p for p in served.models_dir.iterdir() if p.name.startswith("trained@")]
     manifest = json.loads((package / "manifest.json").read_text())
     assert (manifest["model_arn"], manifest["project_arn"]) == (arn, project_arn)
+
+
+def test_a_version_is_looked_up_as_the_registry_holds_it_now(tmp_path: Path) -> None:
+    """The catalog reads the registry again on each lookup: a training that ended since the last
+    call shows at once (Start and Detect need no Describe in between)."""
+    from datetime import datetime, timezone
+
+    from lookout_edge.agent.rekognition.catalog import Catalog
+    from lookout_edge.agent.rekognition.registry import ProjectRecord, Registry, VersionRecord
+    from lookout_edge.agent.rekognition.training import FAILED, IN_PROGRESS, MESSAGES
+    from lookout_edge.custom_labels import LabelModel, project_arn, version_arn
+
+    created = datetime(2026, 12, 2, tzinfo=timezone.utc)
+    registry = Registry(tmp_path)
+    registry.add_project(ProjectRecord("cells", project_arn("cells", 1), created))
+    record = VersionRecord(
+        "cells", "v1", version_arn("cells", "v1", 2), created, IN_PROGRESS, MESSAGES[IN_PROGRESS]
+    )
+    registry.add_version(record)
+    catalog = Catalog(tmp_path, registry, LabelModel, 1)
+    assert catalog.version(record.arn).state() == (IN_PROGRESS, MESSAGES[IN_PROGRESS])
+    registry.update_version(record, status=FAILED, status_message="the dataset cannot be used")
+    assert catalog.version(record.arn).state() == (FAILED, "the dataset cannot be used")
